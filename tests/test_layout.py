@@ -1,0 +1,137 @@
+"""Layout: intervals equal the mask built the slow way; tile classification is exact; bad input."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import layouts
+
+from transfusion_fast import Layout
+
+
+def slow_dense_mask(desc) -> torch.Tensor:
+    """The mask from its definition, one token at a time (independent of the Layout code)."""
+    cu, kind = desc["cu"], desc["kind"]
+    spans = desc.get("spans", []) if kind in ("transfusion", "decode") else []
+    total = cu[-1]
+    full = torch.zeros(total, total, dtype=torch.bool)
+    for d in range(len(cu) - 1):
+        for i in range(cu[d], cu[d + 1]):
+            end = cu[d + 1] if kind == "bidirectional" else i + 1
+            for s, e in spans:
+                if s <= i < e:
+                    end = e
+            full[i, cu[d]:end] = True
+    if kind != "decode":
+        return full
+    rows = [i for d in range(len(cu) - 1) for i in range(cu[d + 1] - desc["q_lens"][d], cu[d + 1])]
+    return full[rows]
+
+
+@given(layouts())
+def test_intervals_equal_slow_mask(drawn):
+    layout, desc = drawn
+    mask = slow_dense_mask(desc)
+    assert torch.equal(layout.dense_mask(), mask), desc
+    # Column intervals: key j is seen exactly by rows [q_start[j], q_end[j]).
+    rows = torch.arange(layout.num_queries)
+    by_columns = (rows[:, None] >= layout.q_start[None, :]) & (rows[:, None] < layout.q_end[None, :])
+    assert torch.equal(by_columns, mask), desc
+    assert layout.visible_elements() == int(mask.sum())
+
+
+@given(layouts(), st.integers(1, 9), st.integers(1, 9))
+def test_tile_classification_is_exact(drawn, block_m, block_n):
+    layout, desc = drawn
+    mask = layout.dense_mask()
+    table = layout.tile_table(block_m, block_n)
+    counts = {"skip": 0, "full": 0, "partial": 0}
+    for m in range(table.num_m_tiles):
+        for n in range(table.num_n_tiles):
+            tile = mask[m * block_m:(m + 1) * block_m, n * block_n:(n + 1) * block_n]
+            truth = "full" if bool(tile.all()) else "partial" if bool(tile.any()) else "skip"
+            counts[truth] += 1
+            # Row side: visited iff in [kv_lo, kv_hi); full iff in [kv_full_lo, kv_full_hi).
+            visited = int(table.kv_lo[m]) <= n < int(table.kv_hi[m])
+            full = int(table.kv_full_lo[m]) <= n < int(table.kv_full_hi[m])
+            assert visited == (truth != "skip") and full == (truth == "full"), (desc, m, n, truth)
+            # Column side: the same classification from the key tile's query range.
+            visited = int(table.q_lo[n]) <= m < int(table.q_hi[n])
+            full = int(table.q_full_lo[n]) <= m < int(table.q_full_hi[n])
+            assert visited == (truth != "skip") and full == (truth == "full"), (desc, m, n, truth)
+    got = layout.tile_counts(block_m, block_n)
+    assert {k: got[k] for k in counts} == counts
+    assert got["computed"] == counts["full"] + counts["partial"]
+
+
+def test_tables_are_cached_and_int32():
+    layout = Layout.causal(torch.tensor([0, 100, 300], dtype=torch.int32))
+    t1, t2 = layout.tile_table(64, 32), layout.tile_table(64, 32)
+    assert t1 is t2
+    assert all(t.dtype == torch.int32 for t in (t1.kv_lo, t1.kv_hi, t1.q_full_lo, t1.q_full_hi))
+    for v in (layout.kv_start, layout.kv_end, layout.q_start, layout.q_end):
+        assert v.dtype == torch.int32 and v.is_contiguous()
+
+
+def test_decode_rows_are_suffix_of_prefill():
+    cu = torch.tensor([0, 10, 25], dtype=torch.int32)
+    spans = torch.tensor([[3, 7], [15, 25]], dtype=torch.int32)
+    full = Layout.transfusion(cu, spans)
+    dec = Layout.decode(cu, torch.tensor([2, 10]), spans)
+    rows = torch.tensor([8, 9] + list(range(15, 25)))
+    assert torch.equal(dec.dense_mask(), full.dense_mask()[rows])
+    assert torch.equal(dec.q_positions.long(), rows)
+    assert dec.num_queries == 12 and dec.num_keys == 25
+
+
+def test_positions_restart_per_document_and_density():
+    layout = Layout.causal(torch.tensor([0, 3, 5], dtype=torch.int32))
+    assert layout.positions.tolist() == [0, 1, 2, 0, 1]
+    assert layout.density() == pytest.approx((6 + 3) / 25)
+    assert Layout.bidirectional(torch.tensor([0, 4], dtype=torch.int32)).density() == 1.0
+
+
+def test_large_layout_is_linear_memory_and_fast():
+    # 128k tokens: every stored vector is O(T); nothing of size T² exists.
+    import time
+    cu = torch.arange(0, 131072 + 1, 1024, dtype=torch.int32)
+    spans = torch.stack([cu[:-1] + 100, cu[:-1] + 612], 1)
+    start = time.perf_counter()
+    layout = Layout.transfusion(cu, spans)
+    table = layout.tile_table(128, 64)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, f"building a 128k-token layout took {elapsed:.2f}s"
+    assert layout.kv_end.numel() == 131072 and table.kv_lo.numel() == 1024
+    counts = table.counts()
+    assert counts["computed"] < counts["total"] / 50  # 128 independent documents
+
+
+@pytest.mark.parametrize("cu, spans, message", [
+    ([1, 5], None, "must start at 0"),
+    ([0, 5, 5], None, "strictly increasing"),
+    ([0, 5, 3], None, "strictly increasing"),
+    ([0], None, "at least 2 entries"),
+    ([0, 10], [[2, 5], [4, 8]], "overlap"),
+    ([0, 10], [[5, 7], [1, 3]], "sorted"),
+    ([0, 5, 10], [[3, 7]], "crosses the end of its document"),
+    ([0, 10], [[3, 3]], "empty or reversed"),
+    ([0, 10], [[8, 12]], "inside"),
+])
+def test_bad_layout_input(cu, spans, message):
+    spans_t = None if spans is None else torch.tensor(spans, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        Layout(torch.tensor(cu, dtype=torch.int32), spans_t)
+
+
+def test_bad_layout_types():
+    with pytest.raises(ValueError, match="int32 or int64"):
+        Layout.causal(torch.tensor([0.0, 3.0]))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        Layout.causal([0, 3])
+    with pytest.raises(ValueError, match="shape"):
+        Layout.causal(torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="q_lens must satisfy"):
+        Layout.decode(torch.tensor([0, 3], dtype=torch.int32), torch.tensor([4]))
+    with pytest.raises(ValueError, match="one entry per document"):
+        Layout.decode(torch.tensor([0, 3], dtype=torch.int32), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="block_m"):
+        Layout.causal(torch.tensor([0, 3], dtype=torch.int32)).tile_table(0, 16)

@@ -1,0 +1,15 @@
+"""transfusion_fast: verified kernels and a thin model for Transfusion-style transformers.
+
+Packed sequences of text tokens (causal) and continuous spans (bidirectional inside each span):
+:class:`Layout` describes the mask in O(T), :mod:`transfusion_fast.ops` holds the ops, and the
+backend switch (:func:`set_backend`) picks Triton, the compiled C++ kernels or the reference path.
+"""
+from . import ops
+from .backend import get_backend, set_backend, use_backend
+from .layout import Layout, TileTable
+from .schedules import Schedule, get_schedule
+
+__version__ = "0.1.0"
+
+__all__ = ["Layout", "TileTable", "ops", "get_backend", "set_backend", "use_backend", "Schedule",
+           "get_schedule", "__version__"]

@@ -1,0 +1,122 @@
+"""Exact softmax attention over a packed batch with a :class:`~transfusion_fast.Layout` mask.
+
+``attention(q, k, v, layout)`` validates every input, then dispatches on the backend switch:
+Triton (``transfusion_fast.kernels.attention``) on CUDA, the compiled block-sparse C++ kernel
+(``transfusion_fast.ops._cpu_attention``) on CPU, or :func:`attention_reference`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backend as _backend
+from ..layout import Layout
+
+__all__ = ["attention", "attention_reference", "check_attention_inputs", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                           scale: float | None) -> float:
+    """Raise a precise error on any bad input; return the softmax scale to use."""
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a transfusion_fast.Layout, got {type(layout).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be packed (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be one of {_DTYPES}, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride on head_dim, got strides {t.stride()}")
+        if t.device != q.device:
+            raise ValueError(f"q, k and v must be on one device: q is on {q.device}, {name} on {t.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype: got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if layout.device.type != q.device.type or (
+            q.device.type == "cuda" and layout.device != q.device):
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}: build the Layout on "
+                         f"the tensors' device (or call layout.to(device))")
+    if q.shape[0] != layout.num_queries:
+        raise ValueError(f"q has {q.shape[0]} tokens but the layout has {layout.num_queries} query rows")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != layout.num_keys:
+            raise ValueError(f"{name} has {t.shape[0]} tokens but the layout has {layout.num_keys} keys")
+    if k.shape[1:] != v.shape[1:]:
+        raise ValueError(f"k and v must have the same (heads, head_dim), got {tuple(k.shape[1:])} and "
+                         f"{tuple(v.shape[1:])}")
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    if k.shape[2] != d:
+        raise ValueError(f"q and k must share head_dim, got {d} and {k.shape[2]}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of "
+                         f"key/value heads ({hkv}) (GQA/MQA)")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    return float(scale)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                        scale: float, return_lse: bool = False):
+    """Plain PyTorch, one document at a time: O(sum of doc²) memory, never O(T²).
+
+    q (Tq, Hq, D), k/v (Tk, Hkv, D) → o (Tq, Hq, D) [, lse (Hq, Tq) float32]
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, lses = [], []
+    q_cu = layout.q_cu_seqlens.tolist()
+    kv_cu = layout.cu_seqlens.tolist()
+    for d in range(layout.num_docs):
+        q0, q1, k0, k1 = q_cu[d], q_cu[d + 1], kv_cu[d], kv_cu[d + 1]
+        if q1 == q0:
+            continue
+        qd = q[q0:q1].to(compute).transpose(0, 1)                                   # (Hq, Lq, D)
+        kd = k[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)   # (Hq, Lk, D)
+        vd = v[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)
+        cols = torch.arange(k0, k1, device=q.device)
+        visible = (cols[None, :] >= layout.kv_start[q0:q1, None]) & (cols[None, :] < layout.kv_end[q0:q1, None])
+        scores = (qd @ kd.transpose(1, 2)) * scale                                  # (Hq, Lq, Lk)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)                                       # (Hq, Lq)
+        outs.append((torch.exp(scores - lse[..., None]) @ vd).transpose(0, 1))      # (Lq, Hq, D)
+        lses.append(lse)
+    o = torch.cat(outs, 0).to(q.dtype)
+    if not return_lse:
+        return o
+    return o, torch.cat(lses, 1).float()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+              scale: float | None = None, return_lse: bool = False):
+    """Softmax attention where query row ``i`` sees keys ``[layout.kv_start[i], layout.kv_end[i])``.
+
+    Args:
+        q: ``(Tq, Hq, D)`` packed queries; k, v: ``(Tk, Hkv, D)`` with ``Hq % Hkv == 0`` (GQA).
+            Any stride along tokens and heads; unit stride along ``D``.
+        layout: the mask (built on the tensors' device).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the log-sum-exp of each row, ``(Hq, Tq)`` float32.
+    Returns:
+        ``o`` of shape ``(Tq, Hq, D)`` and dtype of q, or ``(o, lse)``.
+    """
+    scale = check_attention_inputs(q, k, v, layout, scale)
+    impl = _backend.resolve(q, "attention")
+    if impl == "triton":
+        from ..kernels.attention import triton_attention
+        o, lse = triton_attention(q, k, v, layout, scale)
+    elif impl == "cpu":
+        from ._cpu_attention import cpu_attention
+        o, lse = cpu_attention(q, k, v, layout, scale)
+    else:
+        return attention_reference(q, k, v, layout, scale, return_lse)
+    return (o, lse) if return_lse else o

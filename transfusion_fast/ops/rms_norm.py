@@ -1,0 +1,43 @@
+"""RMSNorm over the last dimension, with an optional fused residual add."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rms_norm", "rms_norm_reference", "check_rms_norm_inputs"]
+
+
+def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                          residual: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor with at least 1 dimension, got "
+                         f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must have shape ({x.shape[-1]},) (the last dim of x), got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x in shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                             f"{(tuple(residual.shape), residual.dtype) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                       residual: torch.Tensor | None = None):
+    """``y = x / sqrt(mean(x²) + eps) * weight`` in float32; with ``residual``, normalizes
+    ``h = x + residual`` and returns ``(y, h)``."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim; see :func:`rms_norm_reference` for the exact semantics."""
+    check_rms_norm_inputs(x, weight, eps, residual)
+    return rms_norm_reference(x, weight, eps, residual)

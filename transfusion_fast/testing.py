@@ -1,0 +1,68 @@
+"""Shared helpers for tests and benchmarks: example layouts, the dense oracle, tolerances.
+
+Nothing here is used by the ops themselves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import Layout
+
+__all__ = ["dense_attention_oracle", "transfusion_example", "packed_documents_example",
+           "TOLERANCES", "random_qkv"]
+
+#: (atol, rtol) for comparing a kernel's output with the reference path computed in float32.
+#: fp32: accumulation-order differences only. fp16: inputs carry 11 bits and P is rounded to fp16
+#: before the PV product, as in FlashAttention. bf16: 8 bits.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def dense_attention_oracle(q, k, v, layout: Layout, scale: float):
+    """``F.scaled_dot_product_attention`` over the whole packed batch with the dense boolean mask."""
+    group = q.shape[1] // k.shape[1]
+    qt = q.transpose(0, 1)[None]                                     # (1, Hq, Tq, D)
+    kt = k.repeat_interleave(group, 1).transpose(0, 1)[None]
+    vt = v.repeat_interleave(group, 1).transpose(0, 1)[None]
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=layout.dense_mask(), scale=scale)
+    return o[0].transpose(0, 1)
+
+
+def random_qkv(num_queries, num_keys, hq, hkv, d, dtype=torch.float32, device="cpu", seed=0,
+               requires_grad=False):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    make = lambda t, h: torch.randn(t, h, d, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, v = make(num_queries, hq), make(num_keys, hkv), make(num_keys, hkv)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def transfusion_example(num_images: int = 4, patches_per_image: int = 256, text_between: int = 128,
+                        num_sequences: int = 1, device="cpu") -> Layout:
+    """``num_sequences`` documents, each: text, then ``num_images`` × (image span, text)."""
+    starts, spans, cursor = [0], [], 0
+    for _ in range(num_sequences):
+        cursor += text_between
+        for _ in range(num_images):
+            spans.append((cursor, cursor + patches_per_image))
+            cursor += patches_per_image + text_between
+        starts.append(cursor)
+    cu = torch.tensor(starts, dtype=torch.int32, device=device)
+    return Layout.transfusion(cu, torch.tensor(spans, dtype=torch.int32, device=device))
+
+
+def packed_documents_example(total: int, num_docs: int, seed: int = 0, causal: bool = True,
+                             device="cpu") -> Layout:
+    """``num_docs`` documents of random lengths summing to ``total``."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(total - 1, generator=g)[: num_docs - 1] + 1
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), cuts.sort().values,
+                    torch.tensor([total])]).to(torch.int32).to(device)
+    return Layout.causal(cu) if causal else Layout.bidirectional(cu)
