@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.deps: requirements.txt requirements-test.txt
 	$(PY) -m venv $(VENV)
-	$(PIP) -r requirements.txt -r requirements-test.txt
+	$(PIP) "setuptools>=64" wheel -r requirements.txt -r requirements-test.txt
 	touch $@
 
 install: $(VENV)/.deps
