@@ -1,0 +1,674 @@
+"""Block-sparse Transfusion attention in Triton: forward, backward, autograd, AOT specs.
+
+The mask is a key interval ``[kv_start[i], kv_end[i])`` per query row (see
+:mod:`transfusion_fast.layout`). Every kernel walks the tile tables of the Layout:
+
+* forward (FlashAttention-2 style, online softmax in fp32), grid ``(num_m_tiles, Hq)``: row tile
+  ``m`` walks key tiles ``[kv_lo, kv_full_lo)`` with the element mask, ``[kv_full_lo, kv_full_hi)``
+  with no mask arithmetic at all, ``[kv_full_hi, kv_hi)`` with the element mask. Skip tiles are
+  never loaded.
+* backward: ``delta = rowsum(dO * O) - dLSE``; a dK/dV kernel, grid ``(num_n_tiles, Hkv)``, walks
+  the query tiles of its key tile (same three ranges from the column side) for every query head of
+  its GQA group inside the program (deterministic, no atomics); a dQ kernel, grid
+  ``(num_m_tiles, Hq)``, walks the same key tiles as the forward.
+
+The one exception to "no mask arithmetic on full tiles" is a ragged last tile (the sequence length
+is not a multiple of the block): it is full by the table but its loads need a bound, so it goes
+through the masked path, where the element mask is also correct for it. Decode / prefix layouts
+(query rows = the last rows of each document) need nothing special: the intervals encode them.
+
+``triton_attention`` is registered as the custom ops ``transfusion_fast::triton_attention_fwd`` /
+``_bwd`` with a fake implementation and autograd, so ``torch.compile`` traces it without a graph
+break.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from transfusion_fast.layout import Layout, TileTable
+
+__all__ = ["triton_attention", "TileConfig", "tile_config", "forced_tile_sizes",
+           "count_computed_tiles", "aot_specs", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+# ================================================================================== kernels
+@triton.jit
+def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt,
+                   kv_start, kv_end, offs_n, offs_d, tile_lo, tile_hi, n_keys, qk_scale_log2,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_WORK: tl.constexpr):
+    """Online-softmax update of one row tile over key tiles [tile_lo, tile_hi)."""
+    d_ok = offs_d < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_N + offs_n
+        # -- load K^T (D, N) and V (N, D); full tiles need a bound only on a padded head_dim
+        kt_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        if MASKED:
+            col_ok = cols < n_keys
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        # -- scores in the log2 domain (the softmax scale and log2(e) folded into one multiply)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
+        if MASKED:
+            visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+        # -- online softmax: a row with nothing visible yet keeps m = -inf; shift it by 0 instead
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_shift = m_new
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- P (rounded to the input dtype, as in FlashAttention) times V
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        if COUNT_WORK:
+            count += 1
+    return acc, l_i, m_i, count
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, WORK,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+              n_queries, n_keys, qk_scale_log2,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              COUNT_WORK: tl.constexpr):
+    """o, lse of one (row tile, query head)."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_queries
+    d_ok = offs_d < HEAD_DIM
+    rows64 = rows.to(tl.int64)
+
+    # -- this tile's rows: queries and their key intervals (padding rows see nothing)
+    q = tl.load(Q + rows64[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    kv_start = tl.load(KV_START + rows, mask=row_ok, other=0)
+    kv_end = tl.load(KV_END + rows, mask=row_ok, other=0)
+
+    # -- the walk: partial, full, partial (a ragged last key tile goes through the masked path)
+    kv_lo = tl.load(KV_LO + pid_m)
+    kv_hi = tl.load(KV_HI + pid_m)
+    full_lo = tl.load(KV_FULL_LO + pid_m)
+    full_hi = tl.maximum(full_lo, tl.minimum(tl.load(KV_FULL_HI + pid_m), n_keys // BLOCK_N))
+
+    k_base = K + kv_head * stride_kh
+    v_base = V + kv_head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    count = 0
+    acc, l_i, m_i, count = _fwd_tile_walk(
+        acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt, kv_start, kv_end, offs_n,
+        offs_d, kv_lo, full_lo, n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+        DOT_PRECISION, COUNT_WORK)
+    acc, l_i, m_i, count = _fwd_tile_walk(
+        acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt, kv_start, kv_end, offs_n,
+        offs_d, full_lo, full_hi, n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+        DOT_PRECISION, COUNT_WORK)
+    acc, l_i, m_i, count = _fwd_tile_walk(
+        acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt, kv_start, kv_end, offs_n,
+        offs_d, full_hi, kv_hi, n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+        DOT_PRECISION, COUNT_WORK)
+
+    # -- normalise; lse back to the natural-log domain
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    tl.store(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + head * n_queries + rows, lse, mask=row_ok)
+    if COUNT_WORK:
+        tl.store(WORK + head * tl.num_programs(0) + pid_m, count)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh,
+                         n_queries, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE, fp32, shape (Hq, Tq)."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_queries
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows64 = rows.to(tl.int64)
+    o = tl.load(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    # d lse_i / d s_ij = p_ij: an lse gradient enters dS exactly like a shift of delta
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + head * n_queries + rows, mask=row_ok, other=0.0)
+    tl.store(DELTA + head * n_queries + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile_walk(dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                    stride_dot, KV_START, KV_END, cols, offs_m, offs_d, tile_lo, tile_hi, n_queries,
+                    qk_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    COUNT_WORK: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [tile_lo, tile_hi) of one query head."""
+    d_ok = offs_d < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        rows = tile * BLOCK_M + offs_m
+        rows64 = rows.to(tl.int64)
+        q_ptrs = q_base + rows64[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + rows64[:, None] * stride_dot + offs_d[None, :]
+        # -- load Q, dO (M, D) and the per-row softmax statistics
+        if MASKED:
+            row_ok = rows < n_queries
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        # -- P^T (N, M) recomputed from the saved lse
+        qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        pt = tl.math.exp2(qkt - (lse * 1.4426950408889634)[None, :])
+        if MASKED:
+            kv_start = tl.load(KV_START + rows, mask=row_ok, other=0)
+            kv_end = tl.load(KV_END + rows, mask=row_ok, other=0)
+            visible = (cols[:, None] >= kv_start[None, :]) & (cols[:, None] < kv_end[None, :])
+            pt = tl.where(visible, pt, 0.0)
+        # -- dV += P^T dO ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q (scale applied at the end)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if COUNT_WORK:
+            count += 1
+    return dk, dv, count
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
+                   Q_LO, Q_HI, Q_FULL_LO, Q_FULL_HI, WORK,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                   n_queries, n_keys, qk_scale_log2, scale,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   COUNT_WORK: tl.constexpr):
+    """dK, dV of one (key tile, kv head), summed over the query heads of its GQA group."""
+    pid_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < n_keys
+    kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    cols64 = cols.to(tl.int64)
+
+    # -- this key tile stays in registers for the whole walk
+    k = tl.load(K + cols64[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + cols64[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # -- the query tiles that see this key tile (a ragged last query tile goes masked)
+    q_lo = tl.load(Q_LO + pid_n)
+    q_hi = tl.load(Q_HI + pid_n)
+    full_lo = tl.load(Q_FULL_LO + pid_n)
+    full_hi = tl.maximum(full_lo, tl.minimum(tl.load(Q_FULL_HI + pid_n), n_queries // BLOCK_M))
+    count = 0
+    # -- the GQA group inside the program: a fixed summation order, no atomics
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        q_base = Q + head * stride_qh
+        do_base = DO + head * stride_doh
+        lse_base = LSE + head * n_queries
+        delta_base = DELTA + head * n_queries
+        dk, dv, count = _dkdv_tile_walk(
+            dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+            KV_START, KV_END, cols, offs_m, offs_d, q_lo, full_lo, n_queries, qk_scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_PRECISION, COUNT_WORK)
+        dk, dv, count = _dkdv_tile_walk(
+            dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+            KV_START, KV_END, cols, offs_m, offs_d, full_lo, full_hi, n_queries, qk_scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, False, DOT_PRECISION, COUNT_WORK)
+        dk, dv, count = _dkdv_tile_walk(
+            dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+            KV_START, KV_END, cols, offs_m, offs_d, full_hi, q_hi, n_queries, qk_scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_PRECISION, COUNT_WORK)
+
+    dk *= scale
+    tl.store(DK + cols64[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + cols64[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if COUNT_WORK:
+        tl.store(WORK + kv_head * tl.num_programs(0) + pid_n, count)
+
+
+@triton.jit
+def _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, kv_start,
+                  kv_end, offs_n, offs_d, tile_lo, tile_hi, n_keys, qk_scale_log2,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_WORK: tl.constexpr):
+    """Accumulate dQ of one row tile over key tiles [tile_lo, tile_hi)."""
+    d_ok = offs_d < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_N + offs_n
+        # -- load K^T and V^T (D, N)
+        kt_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+        vt_ptrs = v_base + cols[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
+        if MASKED:
+            mask = d_ok[:, None] & (cols < n_keys)[None, :]
+            kt = tl.load(kt_ptrs, mask=mask, other=0.0)
+            vt = tl.load(vt_ptrs, mask=mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+        # -- P recomputed from the saved lse
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASKED:
+            visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
+            p = tl.where(visible, p, 0.0)
+        # -- dS = P * (dP - delta) ; dQ += dS K (scale applied at the end)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        if COUNT_WORK:
+            count += 1
+    return dq, count
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
+                 KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, WORK,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_dot, stride_doh, stride_dqt, stride_dqh,
+                 n_queries, n_keys, qk_scale_log2, scale,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 COUNT_WORK: tl.constexpr):
+    """dQ of one (row tile, query head): one writer per element, deterministic."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_queries
+    q_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows64 = rows.to(tl.int64)
+
+    # -- this tile's rows: Q, dO, statistics and key intervals
+    q = tl.load(Q + rows64[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + head * n_queries + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head * n_queries + rows, mask=row_ok, other=0.0)
+    kv_start = tl.load(KV_START + rows, mask=row_ok, other=0)
+    kv_end = tl.load(KV_END + rows, mask=row_ok, other=0)
+
+    # -- the same walk as the forward
+    kv_lo = tl.load(KV_LO + pid_m)
+    kv_hi = tl.load(KV_HI + pid_m)
+    full_lo = tl.load(KV_FULL_LO + pid_m)
+    full_hi = tl.maximum(full_lo, tl.minimum(tl.load(KV_FULL_HI + pid_m), n_keys // BLOCK_N))
+    k_base = K + kv_head * stride_kh
+    v_base = V + kv_head * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    count = 0
+    dq, count = _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                              kv_start, kv_end, offs_n, offs_d, kv_lo, full_lo, n_keys,
+                              qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
+                              COUNT_WORK)
+    dq, count = _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                              kv_start, kv_end, offs_n, offs_d, full_lo, full_hi, n_keys,
+                              qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
+                              COUNT_WORK)
+    dq, count = _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                              kv_start, kv_end, offs_n, offs_d, full_hi, kv_hi, n_keys,
+                              qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
+                              COUNT_WORK)
+    dq *= scale
+    tl.store(DQ + rows64[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    if COUNT_WORK:
+        tl.store(WORK + head * tl.num_programs(0) + pid_m, count)
+
+
+# ================================================================================== tile sizes
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes, warps and pipeline stages of the forward and of the two backward kernels."""
+
+    fwd_block_m: int
+    fwd_block_n: int
+    fwd_warps: int
+    fwd_stages: int
+    dkdv_block_m: int
+    dkdv_block_n: int
+    dq_block_m: int
+    dq_block_n: int
+    bwd_warps: int
+    bwd_stages: int
+
+    def as_list(self) -> list[int]:
+        return [self.fwd_block_m, self.fwd_block_n, self.fwd_warps, self.fwd_stages,
+                self.dkdv_block_m, self.dkdv_block_n, self.dq_block_m, self.dq_block_n,
+                self.bwd_warps, self.bwd_stages]
+
+    @classmethod
+    def from_list(cls, values) -> "TileConfig":
+        return cls(*[int(v) for v in values])
+
+
+# (arch, head_dim) -> config for 16-bit inputs. Register budget drives the choice: the forward
+# holds an fp32 (BLOCK_M, D) accumulator, dK/dV two fp32 (BLOCK_N, D) accumulators plus K and V,
+# dQ one (BLOCK_M, D) accumulator plus Q and dO. Larger head dims take smaller tiles or more warps
+# so that ptxas reports zero spills (checked by tests/test_attention_triton.py::test_aot_*);
+# sm_90 has 228 KB of shared memory against 164 KB on sm_80, hence the deeper pipelines.
+_HALF_CONFIGS = {
+    (80, 16): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    (80, 32): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    (80, 64): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    (80, 96): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
+    (80, 128): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
+    (80, 256): TileConfig(64, 32, 4, 2, 32, 32, 32, 32, 4, 1),
+    (90, 16): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    (90, 32): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    (90, 64): TileConfig(128, 64, 4, 4, 64, 64, 64, 64, 4, 3),
+    (90, 96): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
+    (90, 128): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
+    (90, 256): TileConfig(64, 64, 8, 2, 32, 64, 64, 32, 8, 1),
+}
+# fp32 inputs use IEEE fp32 dots (no tensor cores, no TF32 rounding): the exact-math path, with
+# tiles sized for twice the bytes per element.
+_FP32_CONFIG_SMALL_D = TileConfig(64, 32, 4, 2, 32, 32, 32, 32, 4, 1)
+_FP32_CONFIG_LARGE_D = TileConfig(32, 32, 4, 1, 16, 32, 32, 16, 4, 1)
+
+_forced_config: TileConfig | None = None
+
+
+def _gpu_arch(device: torch.device) -> int:
+    """80 (Ampere-class) or 90 (Hopper and newer); the interpreter plans as for sm_80."""
+    if device.type != "cuda":
+        return 80
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def tile_config(head_dim: int, dtype: torch.dtype, arch: int = 80) -> TileConfig:
+    """The shipped tile sizes for ``head_dim``, ``dtype`` and GPU generation ``arch`` (80 or 90).
+
+    :func:`forced_tile_sizes` overrides it (tests use tiny tiles to exercise many tiles).
+    """
+    if _forced_config is not None:
+        return _forced_config
+    if dtype == torch.float32:
+        return _FP32_CONFIG_SMALL_D if head_dim <= 64 else _FP32_CONFIG_LARGE_D
+    key = (90 if arch >= 90 else 80, int(head_dim))
+    if key not in _HALF_CONFIGS or dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"no Triton attention config for head_dim={head_dim}, dtype={dtype}, "
+                         f"arch=sm_{arch}")
+    return _HALF_CONFIGS[key]
+
+
+@contextlib.contextmanager
+def forced_tile_sizes(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1):
+    """Every kernel uses ``block_m`` × ``block_n`` tiles inside the block (for tests)."""
+    global _forced_config
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {value!r}")
+    previous = _forced_config
+    _forced_config = TileConfig(block_m, block_n, num_warps, num_stages, block_m, block_n,
+                                block_m, block_n, num_warps, num_stages)
+    try:
+        yield _forced_config
+    finally:
+        _forced_config = previous
+
+
+# ================================================================================== launchers
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get IEEE products: the fp32 path must match the reference to fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale: float,
+                    config: TileConfig, work: torch.Tensor | None = None):
+    n_queries, hq, head_dim = q.shape
+    n_keys, hkv = k.shape[0], k.shape[1]
+    o = torch.empty((n_queries, hq, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(n_queries, config.fwd_block_m), hq)
+    _attn_fwd[grid](
+        q, k, v, o, lse, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi,
+        kv_start if work is None else work,   # never written unless COUNT_WORK
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), n_queries, n_keys, scale * _LOG2E,
+        GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n,
+        DOT_PRECISION=_dot_precision(q.dtype), COUNT_WORK=work is not None,
+        num_warps=config.fwd_warps, num_stages=config.fwd_stages)
+    return o, lse
+
+
+def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo,
+                     q_full_hi, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale: float,
+                     config: TileConfig, work_dkdv: torch.Tensor | None = None,
+                     work_dq: torch.Tensor | None = None):
+    n_queries, hq, head_dim = q.shape
+    n_keys, hkv = k.shape[0], k.shape[1]
+    block_d = triton.next_power_of_2(head_dim)
+    if do.stride(-1) != 1:       # e.g. the expanded gradient of a .sum()
+        do = do.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous()
+
+    # -- delta = rowsum(dO * O) - dLSE
+    delta = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
+    pre_block = 64
+    _attn_bwd_preprocess[(triton.cdiv(n_queries, pre_block), hq)](
+        o, do, delta if dlse is None else dlse, delta, o.stride(0), o.stride(1), do.stride(0),
+        do.stride(1), n_queries, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
+        HAS_DLSE=dlse is not None)
+
+    common = dict(GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                  DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.bwd_warps,
+                  num_stages=config.bwd_stages)
+    # -- dK, dV: one program per (key tile, kv head)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _attn_bwd_dkdv[(triton.cdiv(n_keys, config.dkdv_block_n), hkv)](
+        q, k, v, do, lse, delta, dk, dv, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
+        kv_start if work_dkdv is None else work_dkdv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n_queries, n_keys, scale * _LOG2E, scale,
+        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
+        COUNT_WORK=work_dkdv is not None, **common)
+    # -- dQ: one program per (row tile, query head)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _attn_bwd_dq[(triton.cdiv(n_queries, config.dq_block_m), hq)](
+        q, k, v, do, lse, delta, dq, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi,
+        kv_start if work_dq is None else work_dq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        n_queries, n_keys, scale * _LOG2E, scale,
+        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
+        COUNT_WORK=work_dq is not None, **common)
+    return dq, dk, dv
+
+
+# ================================================================================== custom ops
+@torch.library.custom_op("transfusion_fast::triton_attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
+                      kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
+                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, bwd_q_lo: torch.Tensor,
+                      bwd_q_hi: torch.Tensor, bwd_q_full_lo: torch.Tensor,
+                      bwd_q_full_hi: torch.Tensor, bwd_kv_lo: torch.Tensor,
+                      bwd_kv_hi: torch.Tensor, bwd_kv_full_lo: torch.Tensor,
+                      bwd_kv_full_hi: torch.Tensor, scale: float,
+                      tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward. The ``bwd_*`` tables (dK/dV and dQ tilings) are inputs only so that autograd can
+    save them: the forward kernel does not read them."""
+    return _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale,
+                           TileConfig.from_list(tiles))
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, bwd_q_lo, bwd_q_hi,
+      bwd_q_full_lo, bwd_q_full_hi, bwd_kv_lo, bwd_kv_hi, bwd_kv_full_lo, bwd_kv_full_hi, scale,
+      tiles):
+    return (q.new_empty(q.shape),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("transfusion_fast::triton_attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                      kv_start: torch.Tensor, kv_end: torch.Tensor, q_lo: torch.Tensor,
+                      q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
+                      kv_lo: torch.Tensor, kv_hi: torch.Tensor, kv_full_lo: torch.Tensor,
+                      kv_full_hi: torch.Tensor, scale: float,
+                      tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv) from dO and, when the lse is used, dLSE."""
+    return _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo,
+                            q_full_hi, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale,
+                            TileConfig.from_list(tiles))
+
+
+@_attention_bwd_op.register_fake
+def _(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi, kv_lo, kv_hi,
+      kv_full_lo, kv_full_hi, scale, tiles):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, kv_start, kv_end, _, _, _, _, q_lo, q_hi, q_full_lo, q_full_hi, kv_lo, kv_hi,
+     kv_full_lo, kv_full_hi, scale, tiles) = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
+                          kv_lo, kv_hi, kv_full_lo, kv_full_hi)
+    ctx.scale = scale
+    ctx.tiles = tiles
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *tables = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = _attention_bwd_op(do, dlse, q, k, v, o, lse, *tables, ctx.scale, ctx.tiles)
+    return (dq, dk, dv) + (None,) * 16
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ================================================================================== public
+def _check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, layout: Layout) -> None:
+    """What the Triton path needs beyond :func:`transfusion_fast.ops.check_attention_inputs`."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"triton attention supports dtypes {SUPPORTED_DTYPES}, got {q.dtype} "
+                         f"(use the reference backend for float64)")
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride on head_dim, got strides {t.stride()}")
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}: the kernels read the "
+                         f"tile tables in place (call layout.to(q.device))")
+
+
+def _tables(layout: Layout, config: TileConfig) -> tuple[TileTable, TileTable, TileTable]:
+    return (layout.tile_table(config.fwd_block_m, config.fwd_block_n),
+            layout.tile_table(config.dkdv_block_m, config.dkdv_block_n),
+            layout.tile_table(config.dq_block_m, config.dq_block_n))
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with the Triton kernels; differentiable w.r.t. q, k, v.
+
+    Inputs are validated by :func:`transfusion_fast.ops.attention.check_attention_inputs` (call
+    :func:`transfusion_fast.ops.attention` for the validated entry point). Returns ``o``
+    ``(Tq, Hq, D)`` in q's dtype and ``lse`` ``(Hq, Tq)`` float32; both have gradients.
+    """
+    _check_kernel_inputs(q, k, layout)
+    config = tile_config(q.shape[2], q.dtype, _gpu_arch(q.device))
+    fwd, dkdv, dq = _tables(layout, config)
+    return _attention_fwd_op(q, k, v, layout.kv_start, layout.kv_end,
+                             fwd.kv_lo, fwd.kv_hi, fwd.kv_full_lo, fwd.kv_full_hi,
+                             dkdv.q_lo, dkdv.q_hi, dkdv.q_full_lo, dkdv.q_full_hi,
+                             dq.kv_lo, dq.kv_hi, dq.kv_full_lo, dq.kv_full_hi,
+                             float(scale), config.as_list())
+
+
+def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 2,
+                         num_kv_heads: int = 1, dtype: torch.dtype = torch.float16,
+                         device=None) -> dict:
+    """Run the forward, dK/dV and dQ kernels in work-counting mode on random inputs.
+
+    Each program writes how many tiles it computed (per query head). Returns, per kernel,
+    ``{"computed": tiles the kernel computed, "minimal": layout.tile_counts(...)["computed"] ×
+    num_q_heads, "block": (block_m, block_n)}``: a block-sparse schedule without waste has
+    ``computed == minimal``.
+    """
+    device = layout.device if device is None else torch.device(device)
+    layout = layout if layout.device == device else layout.to(device)
+    config = tile_config(head_dim, dtype, _gpu_arch(device))
+    fwd, dkdv, dq = _tables(layout, config)
+    gen = torch.Generator().manual_seed(0)
+    make = lambda t, h: torch.randn(t, h, head_dim, generator=gen).to(device, dtype)  # noqa: E731
+    q = make(layout.num_queries, num_q_heads)
+    k, v = make(layout.num_keys, num_kv_heads), make(layout.num_keys, num_kv_heads)
+    scale = head_dim ** -0.5
+    # one slot per program: (heads of the grid, tiles of the grid)
+    work = {"fwd": torch.zeros(num_q_heads, fwd.num_m_tiles, dtype=torch.int32, device=device),
+            "dkdv": torch.zeros(num_kv_heads, dkdv.num_n_tiles, dtype=torch.int32, device=device),
+            "dq": torch.zeros(num_q_heads, dq.num_m_tiles, dtype=torch.int32, device=device)}
+    o, lse = _launch_forward(q, k, v, layout.kv_start, layout.kv_end, fwd.kv_lo, fwd.kv_hi,
+                             fwd.kv_full_lo, fwd.kv_full_hi, scale, config, work["fwd"])
+    _launch_backward(torch.randn(o.shape, generator=gen).to(device, dtype), None, q, k, v, o, lse,
+                     layout.kv_start, layout.kv_end, dkdv.q_lo, dkdv.q_hi, dkdv.q_full_lo,
+                     dkdv.q_full_hi, dq.kv_lo, dq.kv_hi, dq.kv_full_lo, dq.kv_full_hi, scale,
+                     config, work["dkdv"], work["dq"])
+    return {name: {"computed": int(work[name].sum()),
+                   "minimal": table.counts()["computed"] * num_q_heads,
+                   "block": (table.block_m, table.block_n)}
+            for name, table in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))}
