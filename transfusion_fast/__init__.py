@@ -8,8 +8,13 @@ from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .layout import Layout, TileTable
 from .schedules import Schedule, get_schedule
+from .model import ModalityConfig, Model, ModelConfig
+from .pack import Batch, SpanData, pack
+from .generate import generate
+from .checkpoint import load_checkpoint, load_config, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = ["Layout", "TileTable", "ops", "get_backend", "set_backend", "use_backend", "Schedule",
-           "get_schedule", "__version__"]
+           "get_schedule", "Model", "ModelConfig", "ModalityConfig", "Batch", "SpanData", "pack",
+           "generate", "save_checkpoint", "load_checkpoint", "load_config", "__version__"]
