@@ -11,28 +11,67 @@ Positions are per token, so packed documents restart at 0 and continuous spans m
 
 Two pair conventions: rotate-half (default, pairs ``(i, i + D/2)``) and interleaved (pairs
 ``(2i, 2i + 1)``).
+
+Implementations (picked by :func:`transfusion_fast.backend.resolve`):
+
+* ``"triton"``: the fused kernel of :mod:`transfusion_fast.kernels.rope` (q and k in one launch,
+  cos/sin in float32 in-kernel, backward = the inverse rotation); ``inplace=True`` rotates q and k
+  in their own memory.
+* ``"cpu"``: the reference composition below, run by ATen's compiled (vectorized) CPU kernels; this
+  is the documented CPU path of the ``auto`` backend (RoPE has no C++ kernel of its own).
+* ``"reference"``: the reference composition.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["apply_rope", "apply_rope_reference", "rope_angles", "check_rope_inputs"]
+from transfusion_fast.backend import resolve
+from transfusion_fast.kernels import rope as rope_kernels
+
+__all__ = ["apply_rope", "apply_rope_reference", "rope_angles", "rope_inv_freq", "check_rope_inputs"]
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Inverse frequencies, ``(2, head_dim // 2)`` float32 computed in float64 (read-only, cached).
+
+    Row 0: ``theta^(-2i / D)`` of pair ``i`` (1-D positions). Row 1: the frequencies of a
+    ``D/2``-dimensional embedding, twice: pair ``i < D/4`` rotates by the row position with
+    ``theta^(-2i / (D/2))``, pair ``D/4 + i`` by the column position with the same frequency
+    (axial positions; equal to row 0 when ``D`` is not a multiple of 4, where axial is refused).
+    """
+    if torch.compiler.is_compiling():
+        return _inv_freq_table(head_dim, theta, device)    # a few constant ops in the traced graph
+    return _cached_inv_freq_table(head_dim, theta, torch.device(device))
+
+
+def _inv_freq_table(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    half = head_dim // 2
+    pair = torch.arange(half, device=device, dtype=torch.float64)
+    text = theta ** (-2.0 * pair / head_dim)
+    if head_dim % 4 == 0:
+        axis = theta ** (-2.0 * torch.arange(half // 2, device=device, dtype=torch.float64) / half)
+        axial = torch.cat([axis, axis])
+    else:
+        axial = text
+    return torch.stack([text, axial]).float()
+
+
+_cached_inv_freq_table = functools.lru_cache(maxsize=64)(_inv_freq_table)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                 axial: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation angle of every (token, pair): ``(T, head_dim // 2)`` float32."""
-    half = head_dim // 2
-    pair = torch.arange(half, device=positions.device, dtype=torch.float64)
-    inv_freq = (theta ** (-2.0 * pair / head_dim)).float()
+    inv_freq = rope_inv_freq(head_dim, float(theta), positions.device)
+    text_angles = positions.reshape(positions.shape[0], -1)[:, :1].float() * inv_freq[0][None, :]
     if positions.dim() == 1:
-        return positions.float()[:, None] * inv_freq[None, :]
-    quarter = half // 2
-    q_pair = torch.arange(quarter, device=positions.device, dtype=torch.float64)
-    inv_freq_axis = (theta ** (-2.0 * q_pair / half)).float()
-    axial_angles = torch.cat([positions[:, :1].float() * inv_freq_axis[None, :],
-                              positions[:, 1:2].float() * inv_freq_axis[None, :]], dim=1)
-    text_angles = positions[:, :1].float() * inv_freq[None, :]
+        return text_angles
+    quarter = head_dim // 4
+    pair_positions = torch.cat([positions[:, :1].expand(-1, quarter), positions[:, 1:2].expand(-1, quarter)],
+                               dim=1)
+    axial_angles = pair_positions.float() * inv_freq[1][None, :]
     return torch.where(axial[:, None], axial_angles, text_angles)
 
 
@@ -75,7 +114,9 @@ def check_rope_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    xf = x.float()
+    # float32 arithmetic for 16-bit inputs, float64 kept as is (gradcheck of the reference).
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf, cos, sin = x.to(compute), cos.to(compute), sin.to(compute)
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).to(x.dtype)
@@ -92,7 +133,22 @@ def apply_rope_reference(q, k, positions, theta=10000.0, axial=None, interleaved
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
-               *, axial: torch.Tensor | None = None, interleaved: bool = False):
-    """Rotary embedding of q and k (see the module docstring); returns ``(q_rot, k_rot)``."""
+               *, axial: torch.Tensor | None = None, interleaved: bool = False, inplace: bool = False):
+    """Rotary embedding of q and k (see the module docstring); returns ``(q_rot, k_rot)``.
+
+    ``inplace=True`` writes the rotation into q and k and returns them; it has no autograd (it is
+    meant for inference, e.g. rotating new keys before they enter a KV cache), so it refuses tensors
+    that require grad while grad mode is on.
+    """
     check_rope_inputs(q, k, positions, axial, theta)
-    return apply_rope_reference(q, k, positions, theta, axial, interleaved)
+    if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise ValueError("apply_rope(inplace=True) has no autograd: got q or k with requires_grad=True "
+                         "under grad mode; use inplace=False for training")
+    if resolve(q, "apply_rope") == "triton":
+        inv_freq = rope_inv_freq(q.shape[-1], float(theta), q.device)
+        rotate = rope_kernels.apply_rope_ if inplace else rope_kernels.apply_rope
+        return rotate(q, k, positions, inv_freq, axial=axial, interleaved=interleaved)
+    q_rot, k_rot = apply_rope_reference(q, k, positions, theta, axial, interleaved)
+    if inplace:
+        return q.copy_(q_rot), k.copy_(k_rot)
+    return q_rot, k_rot
