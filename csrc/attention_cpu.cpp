@@ -1,0 +1,522 @@
+// Block-sparse exact attention on CPU, forward and backward, driven by the Layout's tile tables.
+//
+// The mask of a packed batch is an interval of keys per query row, [kv_start[i], kv_end[i]); the
+// Layout turns it into per-tile walk tables (transfusion_fast/layout.py, TileTable): row tile m
+// visits key tiles [kv_lo[m], kv_hi[m]) of which [kv_full_lo[m], kv_full_hi[m]) need no mask, and
+// key tile n visits query tiles [q_lo[n], q_hi[n]) with full sub-range [q_full_lo[n], q_full_hi[n]).
+// Skipped tiles are never read; full tiles never look at the mask; memory is O(T*H*D): each worker
+// holds a few BLOCK_M x BLOCK_N tiles, never a T x T matrix.
+//
+// Forward (FlashAttention-2): one task per (query head, row tile), online softmax, saves the
+// log-sum-exp. Backward: one task per (kv head, chunk of key tiles); it owns dK/dV of its key tiles
+// (summed over the GQA group inside the task) and adds dQ of the group's query heads into a buffer
+// private to its chunk: no two tasks write the same memory, so results do not depend on the thread
+// count or on scheduling (deterministic). P is recomputed from the LSE and dS = P * (dP - delta) with
+// delta = rowsum(dO * O) (minus the gradient of the LSE, when the LSE itself is differentiated).
+//
+// Inner products go through ATen's CPU BLAS (MKL / OpenBLAS sgemm on tile views, no copies for
+// fp32/fp64 inputs with any token/head stride); the softmax elementwise work is vectorized by the
+// compiler (omp simd) and compiled for AVX-512 / AVX2 / baseline x86 with runtime selection.
+// fp16 / bf16 inputs are converted to fp32 once (O(T*H*D)); fp64 runs in fp64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/TransposeType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace transfusion_fast {
+namespace {
+
+using at::native::TransposeType;
+constexpr TransposeType kN = TransposeType::NoTranspose;
+constexpr TransposeType kT = TransposeType::Transpose;
+
+}  // namespace
+}  // namespace transfusion_fast
+
+// The Fortran BLAS that torch links (MKL on x86 builds) is not part of ATen's exported C++ API, but
+// its sgemm_/dgemm_ symbols are exported by libtorch_cpu: one call per tile, no Tensor overhead.
+// Declared weak so that a torch build without them still loads the extension; gemm() below then
+// computes the same product with at::addmm_ on views of the tiles (slower for small tiles).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace transfusion_fast {
+namespace {
+
+// Column-major C (m x n) = alpha * op(A) op(B) + beta * C, as in BLAS.
+template <typename T>
+void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int64_t k, T alpha,
+          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  using Blas = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
+                        const T*, const int*, const T*, const int*, const T*, T*, const int*);
+  Blas blas = nullptr;
+  if constexpr (std::is_same_v<T, float>) blas = &sgemm_;
+  else blas = &dgemm_;
+  if (blas != nullptr) {
+    const char ta = transa == kN ? 'n' : 't', tb = transb == kN ? 'n' : 't';
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    blas(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    return;
+  }
+  // Same product through ATen on row-major views: C^T (n x m) = op(B)^T op(A)^T.
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, options);  // (col-major X)^T
+  };
+  const at::Tensor a_t = transa == kN ? view(a, m, k, lda) : view(a, k, m, lda).t();  // op(A)^T
+  const at::Tensor b_t = transb == kN ? view(b, k, n, ldb) : view(b, n, k, ldb).t();  // op(B)^T
+  at::Tensor c_t = view(c, m, n, ldc);
+  c_t.addmm_(b_t, a_t, beta, alpha);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One binary for every x86 machine: the hot elementwise loops get an AVX-512 and an AVX2 clone,
+// picked at load time (the extension itself is built for the baseline ISA).
+#define TF_MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define TF_MULTIVERSION
+#endif
+#define TF_INLINE inline __attribute__((always_inline))
+
+// exp(x) for x <= ~0 (softmax arguments): 2^n * 2^f with n = round(x*log2(e)), |f| <= 1/2 and a
+// degree-7 Taylor polynomial of 2^f (relative error < 1e-8, below fp32 rounding). Written without
+// branches so that the loops calling it vectorize; exp(-inf) and underflow give exactly 0.
+TF_INLINE float exp_approx(float x) {
+  const float t = std::max(x * 1.44269504088896341f, -126.0f);
+  // Adding 1.5 * 2^23 rounds to the nearest integer in the default rounding mode (|t| < 2^22).
+  const float n = (t + 12582912.0f) - 12582912.0f;
+  const float f = t - n;
+  float p = 1.525273380405984e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  __builtin_memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+TF_INLINE double exp_approx(double x) { return std::exp(x); }
+
+// The visible columns [lo, hi) of tile row `row`, relative to the tile's first column `col0`.
+// `kv_start == nullptr` marks a full tile.
+TF_INLINE void visible_cols(const int32_t* kv_start, const int32_t* kv_end, int64_t row, int64_t col0,
+                            int64_t cols, int64_t& lo, int64_t& hi) {
+  if (kv_start == nullptr) {
+    lo = 0;
+    hi = cols;
+    return;
+  }
+  lo = std::clamp<int64_t>(kv_start[row] - col0, 0, cols);
+  hi = std::clamp<int64_t>(kv_end[row] - col0, lo, cols);
+}
+
+// Online softmax over one tile of scores: S (rows x cols, row stride ld) becomes P = exp(S - m_new)
+// (0 outside each row's visible columns), the running max / sum are updated and the output
+// accumulator rescaled by exp(m_old - m_new).
+template <typename T>
+TF_INLINE void softmax_tile_forward(T* S, int64_t ld, int64_t rows, int64_t cols,
+                                    const int32_t* kv_start, const int32_t* kv_end, int64_t col0,
+                                    T* row_max, T* row_sum, T* acc, int64_t head_dim) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < rows; ++i) {
+    T* s = S + i * ld;
+    int64_t lo, hi;
+    visible_cols(kv_start, kv_end, i, col0, cols, lo, hi);
+    T mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, s[j]);
+    for (int64_t j = 0; j < lo; ++j) s[j] = T(0);
+    for (int64_t j = hi; j < cols; ++j) s[j] = T(0);
+    const T m_old = row_max[i];
+    const T m_new = std::max(m_old, mx);
+    if (m_new == kNegInf) {  // nothing visible in this row yet
+#pragma omp simd
+      for (int64_t j = lo; j < hi; ++j) s[j] = T(0);
+      continue;
+    }
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = lo; j < hi; ++j) {
+      const T p = exp_approx(s[j] - m_new);
+      s[j] = p;
+      sum += p;
+    }
+    if (m_old != m_new) {
+      const T correction = exp_approx(m_old - m_new);
+      row_sum[i] *= correction;
+      T* a = acc + i * head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) a[d] *= correction;
+    }
+    row_sum[i] += sum;
+    row_max[i] = m_new;
+  }
+}
+
+// Backward: S (scores) becomes P = exp(S - lse) in place, 0 outside the visible columns.
+template <typename T>
+TF_INLINE void probs_tile_backward(T* S, int64_t ld, int64_t rows, int64_t cols,
+                                   const int32_t* kv_start, const int32_t* kv_end, int64_t col0,
+                                   const T* lse) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* s = S + i * ld;
+    int64_t lo, hi;
+    visible_cols(kv_start, kv_end, i, col0, cols, lo, hi);
+    const T l = lse[i];
+    for (int64_t j = 0; j < lo; ++j) s[j] = T(0);
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) s[j] = exp_approx(s[j] - l);
+    for (int64_t j = hi; j < cols; ++j) s[j] = T(0);
+  }
+}
+
+// Backward: dP (rows x cols) becomes dS = P * (dP - delta).
+template <typename T>
+TF_INLINE void dscores_tile(const T* P, T* dP, int64_t ld, int64_t rows, int64_t cols, const T* delta) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* p = P + i * ld;
+    T* dp = dP + i * ld;
+    const T dl = delta[i];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) dp[j] = p[j] * (dp[j] - dl);
+  }
+}
+
+TF_MULTIVERSION void softmax_tile_forward_f32(float* S, int64_t ld, int64_t rows, int64_t cols,
+                                              const int32_t* ks, const int32_t* ke, int64_t col0,
+                                              float* mx, float* sum, float* acc, int64_t d) {
+  softmax_tile_forward<float>(S, ld, rows, cols, ks, ke, col0, mx, sum, acc, d);
+}
+TF_MULTIVERSION void probs_tile_backward_f32(float* S, int64_t ld, int64_t rows, int64_t cols,
+                                             const int32_t* ks, const int32_t* ke, int64_t col0,
+                                             const float* lse) {
+  probs_tile_backward<float>(S, ld, rows, cols, ks, ke, col0, lse);
+}
+TF_MULTIVERSION void dscores_tile_f32(const float* P, float* dP, int64_t ld, int64_t rows, int64_t cols,
+                                      const float* delta) {
+  dscores_tile<float>(P, dP, ld, rows, cols, delta);
+}
+
+// Typed entry points: fp32 goes to the multiversioned clones, fp64 to the plain template.
+void softmax_fwd(float* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
+                 int64_t c0, float* mx, float* sum, float* acc, int64_t d) {
+  softmax_tile_forward_f32(S, ld, r, c, ks, ke, c0, mx, sum, acc, d);
+}
+void softmax_fwd(double* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
+                 int64_t c0, double* mx, double* sum, double* acc, int64_t d) {
+  softmax_tile_forward<double>(S, ld, r, c, ks, ke, c0, mx, sum, acc, d);
+}
+void probs_bwd(float* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
+               int64_t c0, const float* lse) {
+  probs_tile_backward_f32(S, ld, r, c, ks, ke, c0, lse);
+}
+void probs_bwd(double* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
+               int64_t c0, const double* lse) {
+  probs_tile_backward<double>(S, ld, r, c, ks, ke, c0, lse);
+}
+void dscores(const float* P, float* dP, int64_t ld, int64_t r, int64_t c, const float* delta) {
+  dscores_tile_f32(P, dP, ld, r, c, delta);
+}
+void dscores(const double* P, double* dP, int64_t ld, int64_t r, int64_t c, const double* delta) {
+  dscores_tile<double>(P, dP, ld, r, c, delta);
+}
+
+// Runs task(order[t]) for every t on all intra-op threads, handing out tasks dynamically in the
+// given order (heaviest first). Which thread runs a task never changes what the task writes.
+template <typename MakeWorker>
+void run_tasks(const std::vector<int64_t>& order, const MakeWorker& make_worker) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t /*begin*/, int64_t /*end*/) {
+    auto task = make_worker();  // per-thread tile buffers
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(order[t]);
+  });
+}
+
+std::vector<int64_t> heaviest_first(const std::vector<int64_t>& work) {
+  std::vector<int64_t> order(work.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
+  return order;
+}
+
+struct Geometry {
+  int64_t tq, tk, hq, hkv, d, bm, bn, group;
+};
+
+// q/k/v in the compute dtype with unit stride on head_dim and a token stride BLAS accepts.
+at::Tensor as_compute(const at::Tensor& t, at::ScalarType compute) {
+  at::Tensor c = t.scalar_type() == compute ? t : t.to(compute);
+  if (c.stride(2) != 1 || c.stride(0) < c.size(2) || c.stride(1) < 0) c = c.contiguous();
+  return c;
+}
+
+void check_table(const at::Tensor& t, const char* name, int64_t size) {
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == size && t.is_contiguous(),
+              "attention_cpu: ", name, " must be a contiguous int32 vector of ", size,
+              " entries, got dtype ", t.scalar_type(), " and shape ", t.sizes());
+}
+
+Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t bm, int64_t bn) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "attention_cpu: q, k, v must be (tokens, heads, head_dim)");
+  TORCH_CHECK(k.sizes() == v.sizes(), "attention_cpu: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(q.size(2) == k.size(2), "attention_cpu: q and k head_dim differ");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention_cpu: query heads (", q.size(1),
+              ") must be a multiple of kv heads (", k.size(1), ")");
+  TORCH_CHECK(bm > 0 && bn > 0, "attention_cpu: block sizes must be positive, got ", bm, " x ", bn);
+  return {q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), bm, bn, q.size(1) / k.size(1)};
+}
+
+at::ScalarType compute_type(const at::Tensor& q) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "attention_cpu: q must be float32, float64, bfloat16 or float16, got ", dt);
+  return dt == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                    at::Tensor& lse, const int32_t* kv_start, const int32_t* kv_end, const int32_t* kv_lo,
+                    const int32_t* kv_hi, const int32_t* kv_full_lo, const int32_t* kv_full_hi,
+                    const Geometry& g, T scale) {
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  T* lp = lse.mutable_data_ptr<T>();
+  const int64_t sq0 = q.stride(0), sq1 = q.stride(1), sk0 = k.stride(0), sk1 = k.stride(1);
+  const int64_t sv0 = v.stride(0), sv1 = v.stride(1);
+  const int64_t num_m = (g.tq + g.bm - 1) / g.bm;
+  std::vector<int64_t> work(g.hq * num_m);
+  for (int64_t t = 0; t < g.hq * num_m; ++t) work[t] = kv_hi[t % num_m] - kv_lo[t % num_m];
+
+  run_tasks(heaviest_first(work), [&]() {
+    auto scores = std::make_shared<std::vector<T>>(g.bm * g.bn);
+    auto acc = std::make_shared<std::vector<T>>(g.bm * g.d);
+    auto stats = std::make_shared<std::vector<T>>(2 * g.bm);
+    return [=, &g](int64_t t) {
+      const int64_t h = t / num_m, m = t % num_m, hk = h / g.group;
+      const int64_t r0 = m * g.bm, rows = std::min(g.bm, g.tq - r0);
+      T* S = scores->data();
+      T* O = acc->data();
+      T* row_max = stats->data();
+      T* row_sum = row_max + g.bm;
+      std::fill(row_max, row_max + rows, -std::numeric_limits<T>::infinity());
+      std::fill(row_sum, row_sum + rows, T(0));
+      std::fill(O, O + rows * g.d, T(0));
+      const T* qt = qp + r0 * sq0 + h * sq1;
+      for (int64_t n = kv_lo[m]; n < kv_hi[m]; ++n) {
+        const int64_t c0 = n * g.bn, cols = std::min(g.bn, g.tk - c0);
+        const bool full = n >= kv_full_lo[m] && n < kv_full_hi[m];
+        const T* kt = kp + c0 * sk0 + hk * sk1;
+        const T* vt = vp + c0 * sv0 + hk * sv1;
+        // S (rows x cols, row-major) = scale * Q K^T, i.e. column-major S^T = K Q^T.
+        gemm(kT, kN, cols, rows, g.d, scale, kt, sk0, qt, sq0, T(0), S, g.bn);
+        softmax_fwd(S, g.bn, rows, cols, full ? nullptr : kv_start + r0, kv_end + r0, c0, row_max,
+                    row_sum, O, g.d);
+        // O += P V, i.e. column-major O^T += V^T P^T.
+        gemm(kN, kN, g.d, rows, cols, T(1), vt, sv0, S, g.bn, T(1), O, g.d);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        // Every row sees at least its own position, so row_sum > 0.
+        const T inv = T(1) / row_sum[i];
+        T* dst = op + ((r0 + i) * g.hq + h) * g.d;
+        for (int64_t d = 0; d < g.d; ++d) dst[d] = O[i * g.d + d] * inv;
+        lp[h * g.tq + r0 + i] = row_max[i] + std::log(row_sum[i]);
+      }
+    };
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kv_start,
+    const at::Tensor& kv_end, const at::Tensor& kv_lo, const at::Tensor& kv_hi,
+    const at::Tensor& kv_full_lo, const at::Tensor& kv_full_hi, int64_t block_m, int64_t block_n,
+    double scale) {
+  const auto compute = compute_type(q_in);
+  const Geometry g = geometry(q_in, k_in, v_in, block_m, block_n);
+  const int64_t num_m = (g.tq + g.bm - 1) / g.bm;
+  check_table(kv_start, "kv_start", g.tq);
+  check_table(kv_end, "kv_end", g.tq);
+  check_table(kv_lo, "kv_lo", num_m);
+  check_table(kv_hi, "kv_hi", num_m);
+  check_table(kv_full_lo, "kv_full_lo", num_m);
+  check_table(kv_full_hi, "kv_full_hi", num_m);
+  const at::Tensor q = as_compute(q_in, compute), k = as_compute(k_in, compute), v = as_compute(v_in, compute);
+  at::Tensor out = at::empty({g.tq, g.hq, g.d}, q.options());
+  at::Tensor lse = at::empty({g.hq, g.tq}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(compute, "attention_cpu_fwd", [&] {
+    forward_kernel<scalar_t>(q, k, v, out, lse, kv_start.const_data_ptr<int32_t>(),
+                             kv_end.const_data_ptr<int32_t>(), kv_lo.const_data_ptr<int32_t>(),
+                             kv_hi.const_data_ptr<int32_t>(), kv_full_lo.const_data_ptr<int32_t>(),
+                             kv_full_hi.const_data_ptr<int32_t>(), g, static_cast<scalar_t>(scale));
+  });
+  if (q_in.scalar_type() != compute) out = out.to(q_in.scalar_type());
+  return {out, lse};
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                     at::Tensor& dq_parts, at::Tensor& dk, at::Tensor& dv, const int32_t* kv_start,
+                     const int32_t* kv_end, const int32_t* q_lo, const int32_t* q_hi,
+                     const int32_t* q_full_lo, const int32_t* q_full_hi, const Geometry& g,
+                     int64_t num_chunks, T scale) {
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const T* dop = grad_out.const_data_ptr<T>();
+  const T* lp = lse.const_data_ptr<T>();
+  const T* deltap = delta.const_data_ptr<T>();
+  T* dqp = dq_parts.mutable_data_ptr<T>();
+  T* dkp = dk.mutable_data_ptr<T>();
+  T* dvp = dv.mutable_data_ptr<T>();
+  const int64_t sq0 = q.stride(0), sq1 = q.stride(1), sk0 = k.stride(0), sk1 = k.stride(1);
+  const int64_t sv0 = v.stride(0), sv1 = v.stride(1), sdo0 = grad_out.stride(0), sdo1 = grad_out.stride(1);
+  const int64_t sdq0 = g.hq * g.d, dq_part_size = g.tq * g.hq * g.d;
+  const int64_t num_n = (g.tk + g.bn - 1) / g.bn;
+
+  // Split the key tiles of each kv head into num_chunks runs of about equal work.
+  std::vector<int64_t> prefix(num_n + 1, 0);
+  for (int64_t n = 0; n < num_n; ++n) prefix[n + 1] = prefix[n] + 1 + (q_hi[n] - q_lo[n]);
+  std::vector<int64_t> bounds(num_chunks + 1, num_n);
+  bounds[0] = 0;
+  for (int64_t c = 1; c < num_chunks; ++c) {
+    const int64_t target = prefix[num_n] * c / num_chunks;
+    bounds[c] = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+  }
+  std::vector<int64_t> work(g.hkv * num_chunks);
+  for (int64_t t = 0; t < g.hkv * num_chunks; ++t) {
+    const int64_t c = t % num_chunks;
+    work[t] = prefix[bounds[c + 1]] - prefix[bounds[c]];
+  }
+
+  run_tasks(heaviest_first(work), [&]() {
+    auto tiles = std::make_shared<std::vector<T>>(2 * g.bm * g.bn + 2 * g.bn * g.d);
+    return [=, &g, &bounds](int64_t t) {
+      const int64_t hk = t / num_chunks, c = t % num_chunks;
+      T* P = tiles->data();
+      T* dS = P + g.bm * g.bn;
+      T* dK = dS + g.bm * g.bn;
+      T* dV = dK + g.bn * g.d;
+      T* dq = dqp + c * dq_part_size;
+      for (int64_t n = bounds[c]; n < bounds[c + 1]; ++n) {
+        const int64_t c0 = n * g.bn, cols = std::min(g.bn, g.tk - c0);
+        const T* kt = kp + c0 * sk0 + hk * sk1;
+        const T* vt = vp + c0 * sv0 + hk * sv1;
+        std::fill(dK, dK + 2 * g.bn * g.d, T(0));
+        for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+          for (int64_t m = q_lo[n]; m < q_hi[n]; ++m) {
+            const int64_t r0 = m * g.bm, rows = std::min(g.bm, g.tq - r0);
+            const bool full = m >= q_full_lo[n] && m < q_full_hi[n];
+            const T* qt = qp + r0 * sq0 + h * sq1;
+            const T* dot = dop + r0 * sdo0 + h * sdo1;
+            gemm(kT, kN, cols, rows, g.d, scale, kt, sk0, qt, sq0, T(0), P, g.bn);        // S
+            probs_bwd(P, g.bn, rows, cols, full ? nullptr : kv_start + r0, kv_end + r0, c0,
+                      lp + h * g.tq + r0);                                             // P
+            gemm(kN, kT, g.d, cols, rows, T(1), dot, sdo0, P, g.bn, T(1), dV, g.d);     // dV += P^T dO
+            gemm(kT, kN, cols, rows, g.d, T(1), vt, sv0, dot, sdo0, T(0), dS, g.bn);     // dP = dO V^T
+            dscores(P, dS, g.bn, rows, cols, deltap + h * g.tq + r0);                  // dS
+            gemm(kN, kT, g.d, cols, rows, scale, qt, sq0, dS, g.bn, T(1), dK, g.d);     // dK += dS^T Q
+            gemm(kN, kN, g.d, rows, cols, scale, kt, sk0, dS, g.bn, T(1),
+                 dq + r0 * sdq0 + h * g.d, sdq0);                                      // dQ += dS K
+          }
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+          std::copy(dK + j * g.d, dK + (j + 1) * g.d, dkp + ((c0 + j) * g.hkv + hk) * g.d);
+          std::copy(dV + j * g.d, dV + (j + 1) * g.d, dvp + ((c0 + j) * g.hkv + hk) * g.d);
+        }
+      }
+    };
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& kv_start,
+    const at::Tensor& kv_end, const at::Tensor& q_lo, const at::Tensor& q_hi,
+    const at::Tensor& q_full_lo, const at::Tensor& q_full_hi, int64_t block_m, int64_t block_n,
+    double scale) {
+  const auto compute = compute_type(q_in);
+  const Geometry g = geometry(q_in, k_in, v_in, block_m, block_n);
+  const int64_t num_n = (g.tk + g.bn - 1) / g.bn;
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "attention_cpu_bwd: grad_out must have q's shape ",
+              q_in.sizes(), ", got ", grad_out_in.sizes());
+  for (const auto* t : {&lse_in, &delta_in}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == g.hq && t->size(1) == g.tq,
+                "attention_cpu_bwd: lse and delta must be (", g.hq, ", ", g.tq, "), got ", t->sizes());
+  }
+  check_table(kv_start, "kv_start", g.tq);
+  check_table(kv_end, "kv_end", g.tq);
+  check_table(q_lo, "q_lo", num_n);
+  check_table(q_hi, "q_hi", num_n);
+  check_table(q_full_lo, "q_full_lo", num_n);
+  check_table(q_full_hi, "q_full_hi", num_n);
+  const at::Tensor q = as_compute(q_in, compute), k = as_compute(k_in, compute), v = as_compute(v_in, compute);
+  const at::Tensor grad_out = as_compute(grad_out_in, compute);
+  const at::Tensor lse = lse_in.to(compute).contiguous(), delta = delta_in.to(compute).contiguous();
+
+  // One chunk per kv head when the kv heads alone spread evenly over the threads; otherwise split
+  // the key tiles so that every thread has work (each chunk then needs its own dQ buffer).
+  const int64_t threads = at::get_num_threads();
+  int64_t num_chunks = 1;
+  if (g.hkv % threads != 0) num_chunks = std::min<int64_t>(num_n, (2 * threads + g.hkv - 1) / g.hkv);
+  num_chunks = std::max<int64_t>(num_chunks, 1);
+  at::Tensor dq_parts = at::zeros({num_chunks, g.tq, g.hq, g.d}, q.options());
+  at::Tensor dk = at::empty({g.tk, g.hkv, g.d}, q.options());
+  at::Tensor dv = at::empty({g.tk, g.hkv, g.d}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(compute, "attention_cpu_bwd", [&] {
+    backward_kernel<scalar_t>(grad_out, q, k, v, lse, delta, dq_parts, dk, dv,
+                              kv_start.const_data_ptr<int32_t>(), kv_end.const_data_ptr<int32_t>(),
+                              q_lo.const_data_ptr<int32_t>(), q_hi.const_data_ptr<int32_t>(),
+                              q_full_lo.const_data_ptr<int32_t>(), q_full_hi.const_data_ptr<int32_t>(),
+                              g, num_chunks, static_cast<scalar_t>(scale));
+  });
+  at::Tensor dq = num_chunks == 1 ? dq_parts[0] : dq_parts.sum(0);
+  const auto dt = q_in.scalar_type();
+  if (dt != compute) {
+    dq = dq.to(dt);
+    dk = dk.to(dt);
+    dv = dv.to(dt);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
+  m.def("attention_cpu_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_end, Tensor kv_lo, "
+        "Tensor kv_hi, Tensor kv_full_lo, Tensor kv_full_hi, int block_m, int block_n, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
+        "Tensor kv_start, Tensor kv_end, Tensor q_lo, Tensor q_hi, Tensor q_full_lo, Tensor q_full_hi, "
+        "int block_m, int block_n, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(transfusion_fast, CPU, m) {
+  m.impl("attention_cpu_fwd", &attention_cpu_fwd);
+  m.impl("attention_cpu_bwd", &attention_cpu_bwd);
+}
+
+}  // namespace transfusion_fast
