@@ -1,7 +1,19 @@
-"""RMSNorm over the last dimension, with an optional fused residual add."""
+"""RMSNorm over the last dimension, with an optional fused residual add.
+
+Implementations (picked by :func:`transfusion_fast.backend.resolve`):
+
+* ``"triton"``: the fused kernels of :mod:`transfusion_fast.kernels.rms_norm` (forward saves only the
+  per-row rstd; deterministic weight gradient; rows up to ``MAX_HIDDEN`` wide).
+* ``"cpu"``: the reference composition below, run by ATen's compiled (vectorized) CPU kernels; this
+  is the documented CPU path of the ``auto`` backend (RMSNorm has no C++ kernel of its own).
+* ``"reference"``: the reference composition.
+"""
 from __future__ import annotations
 
 import torch
+
+from transfusion_fast.backend import resolve
+from transfusion_fast.kernels import rms_norm as rms_norm_kernels
 
 __all__ = ["rms_norm", "rms_norm_reference", "check_rms_norm_inputs"]
 
@@ -28,11 +40,12 @@ def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                        residual: torch.Tensor | None = None):
-    """``y = x / sqrt(mean(x²) + eps) * weight`` in float32; with ``residual``, normalizes
-    ``h = x + residual`` and returns ``(y, h)``."""
+    """``y = x / sqrt(mean(x²) + eps) * weight`` in float32 (float64 inputs stay float64); with
+    ``residual``, normalizes ``h = x + residual`` and returns ``(y, h)``."""
     h = x if residual is None else x + residual
-    hf = h.float()
-    y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    hf = h.to(compute)
+    y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute)).to(x.dtype)
     return y if residual is None else (y, h)
 
 
@@ -40,4 +53,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
              residual: torch.Tensor | None = None):
     """RMSNorm over the last dim; see :func:`rms_norm_reference` for the exact semantics."""
     check_rms_norm_inputs(x, weight, eps, residual)
+    if resolve(x, "rms_norm") == "triton":
+        return rms_norm_kernels.rms_norm(x, weight, eps, residual)
     return rms_norm_reference(x, weight, eps, residual)
