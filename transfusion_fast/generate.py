@@ -179,8 +179,11 @@ def _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, to
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
 
 
-def _span_shape_for(config, m, span_shape):
-    shape = span_shape.get(m.name) if isinstance(span_shape, dict) else span_shape
+def _span_shape_for(config, m, span_shape, default_modality):
+    if isinstance(span_shape, dict):
+        shape = span_shape.get(m.name)
+    else:
+        shape = span_shape if m.name == default_modality else None
     shape = m.default_shape if shape is None else tuple(int(s) for s in shape)
     if m.kind == "image" and len(shape) == 2:
         shape = (m.channels, *shape)
@@ -207,8 +210,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
         sampler: ``"ddim"`` (``eta`` 0 = deterministic) or ``"ddpm"``; ``num_inference_steps`` of them.
         cfg_scale: classifier-free guidance against the unconditional ``[BOS, BOI, span]`` twin;
             1 disables guidance (no unconditional pass).
-        span_shape: shape of generated spans (``(C, H, W)`` or ``(H, W)`` for images, ``(L, F)``
-            for series), or ``{modality: shape}``; default the modality's largest.
+        span_shape: ``{modality: shape}`` of generated spans (``(C, H, W)`` or ``(H, W)`` for
+            images, ``(L, F)`` for series), or one shape for ``modality`` (default: the first
+            modality); modalities without a shape get their largest.
         modality: which modality a BOI generates when several share it (default: the first).
         progress: show a tqdm bar over the diffusion steps.
     Returns:
@@ -224,7 +228,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
             boi_modality.setdefault(config.boi_of(m), m)
     if modality is not None and not boi_modality:
         raise ValueError(f"modality must be one of {[m.name for m in config.modalities]}, got {modality!r}")
-    shapes = {m.name: _span_shape_for(config, m, span_shape) for m in boi_modality.values()}
+    default_modality = modality or config.modalities[0].name
+    shapes = {m.name: _span_shape_for(config, m, span_shape, default_modality) for m in boi_modality.values()}
     prepared = [prepare_sample(p, config, add_bos=add_bos, add_eos=False, where=f"prompts[{i}]",
                                allow_empty=add_bos) for i, p in enumerate(prompts)]
 
