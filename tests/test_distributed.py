@@ -20,8 +20,12 @@ CONFIG = ModelConfig(dim=32, depth=2, n_heads=2, n_kv_heads=1,
 
 
 def rank_batch(rank: int):
+    """Rank 0 gets text and images; rank 1 text only (its image head must still sync)."""
     g = torch.Generator().manual_seed(10 + rank)
-    samples = [[torch.randint(0, 250, (3 + rank,), generator=g), torch.randn(1, 4, 4, generator=g)],
+    if rank == 1:
+        return pack([[torch.randint(0, 250, (7,), generator=g)], [torch.randint(0, 250, (4,), generator=g)]],
+                    CONFIG, seed=rank)
+    samples = [[torch.randint(0, 250, (3,), generator=g), torch.randn(1, 4, 4, generator=g)],
                [torch.randn(1, 2, 2, generator=g), torch.randint(0, 250, (5,), generator=g)]]
     return pack(samples, CONFIG, seed=rank)
 

@@ -354,11 +354,12 @@ def _sample_span(model: Model, cache: KVCache, docs: list, m, shape, gen: torch.
         x_in = torch.cat([x, x]) if guided else x
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
         out = model.decode_spans(step({m.name: (x_in, t_in)}), m.name, rows).float()
-        noise = torch.randn(x.shape, generator=gen).to(device) if (sampler == "ddpm" or eta > 0) else None
+        # Step noise is drawn on the device by the op (Philox) from a seed of our generator.
+        step_seed = int(torch.randint(0, 2**62, (), generator=gen))
         x = step_fn(x, out[:G * n], torch.full((G * n,), t, dtype=torch.long, device=device),
                     torch.full((G * n,), t_prev, dtype=torch.long, device=device), schedule,
                     prediction=config.prediction, uncond_out=out[G * n:] if guided else None,
-                    cfg_scale=cfg_scale, noise=noise, **extra)
+                    cfg_scale=cfg_scale, seed=step_seed, **extra)
         bar.update(1)
     bar.close()
 

@@ -451,7 +451,7 @@ class Model(nn.Module):
             logits = self.output(h[loss_rows]).float()                 # (M, vocab)
             lm_loss = F.cross_entropy(logits, batch.targets[loss_rows])
         else:
-            lm_loss = h.new_zeros((), dtype=torch.float32)
+            lm_loss = self.output(h[:1]).float().sum() * 0.0
 
         out = {}
         span_sq = h.new_zeros(batch.num_spans, dtype=torch.float32)    # per-span mean squared error
@@ -464,7 +464,11 @@ class Model(nn.Module):
             own = torch.unique(s.span_index)
             out[f"diffusion_loss/{name}"] = span_sq[own].mean()
         diffusion_loss = span_sq.mean() if batch.num_spans else h.new_zeros((), dtype=torch.float32)
-        out.update(loss=lm_loss + self.config.diffusion_loss_weight * diffusion_loss,
+        # Heads of modalities absent from the batch join with weight 0: DDP and FSDP then see
+        # every parameter used on every rank, whatever each rank's batch holds.
+        absent = [p for name, head in self.heads.items() if name not in batch.spans for p in head.parameters()]
+        unused = sum(p.sum() for p in absent) * 0.0 if absent else 0.0
+        out.update(loss=lm_loss + self.config.diffusion_loss_weight * diffusion_loss + unused,
                    lm_loss=lm_loss, diffusion_loss=diffusion_loss,
                    lm_tokens=int(loss_rows.numel()), spans=int(batch.num_spans))
         return out
