@@ -5,7 +5,8 @@ differ), in blocks of heads, on packed ``(T, H, D)`` tensors of any token/head/d
 or into new tensors. Positions are read per token (int32 or int64), so packed documents restart at
 0 and axial image tokens take (row, column) positions; both pair conventions (rotate-half pairs
 ``(i, i + D/2)``, interleaved pairs ``(2i, 2i + 1)``) are a constexpr switch. The backward of a
-rotation is the inverse rotation: the same kernel with ``sin`` negated (``INVERSE``).
+rotation is the inverse rotation: the same kernel with ``sin`` negated (``sin_sign = -1``; a
+runtime argument, not a constexpr: one multiply per pair and token, and one binary for both ways).
 
 cos/sin: computed in float32 inside the kernel, not read from a cached ``(max_position, D/2)`` table.
 The kernel is memory-bound and the trig runs on the otherwise idle special-function units, once per
@@ -55,9 +56,9 @@ def _rotate_heads(X, OUT, token, stride_xt, stride_xh, stride_xd, stride_ot, str
 def _rope_kernel(Q, K, Q_OUT, K_OUT, POSITIONS, AXIAL, INV_FREQ,
                  stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                  stride_qot, stride_qoh, stride_qod, stride_kot, stride_koh, stride_kod,
-                 stride_pos_t, stride_pos_axis, n_q_heads, n_k_heads,
+                 stride_pos_t, stride_pos_axis, n_q_heads, n_k_heads, sin_sign,
                  HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
-                 IS_AXIAL: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
+                 IS_AXIAL: tl.constexpr, INTERLEAVED: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     pairs = tl.arange(0, BLOCK_P)
     pair_mask = pairs < HALF
@@ -74,9 +75,7 @@ def _rope_kernel(Q, K, Q_OUT, K_OUT, POSITIONS, AXIAL, INV_FREQ,
         inv_freq = tl.load(INV_FREQ + pairs, mask=pair_mask, other=0.0)
     angle = pair_position.to(tl.float32) * inv_freq
     cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    if INVERSE:
-        sin = -sin
+    sin = tl.sin(angle) * sin_sign
     if INTERLEAVED:
         first = 2 * pairs
         second = first + 1
@@ -114,8 +113,8 @@ def _launch(q, k, q_out, k_out, positions, axial, inv_freq, interleaved: bool, i
     _rope_kernel[(num_tokens,)](
         q, k, q_out, k_out, positions, axial_bytes, inv_freq,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), positions.stride(0), stride_axis,
-        q.shape[1], k.shape[1], HALF=head_dim // 2, BLOCK_P=block_p, BLOCK_H=block_h,
-        IS_AXIAL=is_axial, INTERLEAVED=interleaved, INVERSE=inverse, num_warps=NUM_WARPS)
+        q.shape[1], k.shape[1], -1.0 if inverse else 1.0, HALF=head_dim // 2, BLOCK_P=block_p,
+        BLOCK_H=block_h, IS_AXIAL=is_axial, INTERLEAVED=interleaved, num_warps=NUM_WARPS)
 
 
 def _empty_packed(t: torch.Tensor) -> torch.Tensor:
@@ -182,29 +181,26 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 AOT_HEAD_DIMS = (64, 128)
 
 
-def _spec(ty: str, head_dim: int, axial: bool, interleaved: bool, inverse: bool) -> KernelSpec:
+def _spec(ty: str, head_dim: int, axial: bool, interleaved: bool) -> KernelSpec:
     block_p, block_h = block_config(head_dim, PAIRS_PER_STEP)   # the widest head block of head_dim
     signature = {"Q": f"*{ty}", "K": f"*{ty}", "Q_OUT": f"*{ty}", "K_OUT": f"*{ty}", "POSITIONS": "*i64",
                  "AXIAL": "*u8", "INV_FREQ": "*fp32"}
     for tensor in ("q", "k", "qo", "ko"):
         signature.update({f"stride_{tensor}{axis}": "i32" for axis in "thd"})
     signature.update({"stride_pos_t": "i32", "stride_pos_axis": "i32", "n_q_heads": "i32", "n_k_heads": "i32",
-                      "HALF": "constexpr", "BLOCK_P": "constexpr", "BLOCK_H": "constexpr",
-                      "IS_AXIAL": "constexpr", "INTERLEAVED": "constexpr", "INVERSE": "constexpr"})
+                      "sin_sign": "fp32", "HALF": "constexpr", "BLOCK_P": "constexpr", "BLOCK_H": "constexpr",
+                      "IS_AXIAL": "constexpr", "INTERLEAVED": "constexpr"})
     constexprs = {"HALF": head_dim // 2, "BLOCK_P": block_p, "BLOCK_H": block_h, "IS_AXIAL": axial,
-                  "INTERLEAVED": interleaved, "INVERSE": inverse}
-    label = (f"rope_{'bwd' if inverse else 'fwd'} {ty} D={head_dim}{' axial' if axial else ''}"
-             f"{' interleaved' if interleaved else ''}")
+                  "INTERLEAVED": interleaved}
+    label = f"rope_fwd+bwd {ty} D={head_dim}{' axial' if axial else ''}{' interleaved' if interleaved else ''}"
     return KernelSpec("transfusion_fast.kernels.rope", "_rope_kernel", signature, constexprs,
                       num_warps=NUM_WARPS, num_stages=1, label=label)
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every shipped config: forward and backward (inverse) per dtype and head_dim, plus the axial and
-    interleaved variants (the constexprs that change the generated code) at head_dim 128."""
-    specs = [_spec(ty, d, False, False, inverse) for ty in _TRITON_DTYPE.values()
-             for d in AOT_HEAD_DIMS for inverse in (False, True)]
-    specs += [_spec(ty, 128, axial, interleaved, inverse) for ty in _TRITON_DTYPE.values()
-              for axial, interleaved in ((True, False), (False, True), (True, True))
-              for inverse in (False, True)]
+    """Every shipped config (one binary serves forward and backward): per dtype and head_dim, plus the
+    axial and interleaved variants (the constexprs that change the generated code) at head_dim 128."""
+    specs = [_spec(ty, d, False, False) for ty in _TRITON_DTYPE.values() for d in AOT_HEAD_DIMS]
+    specs += [_spec(ty, 128, axial, interleaved) for ty in _TRITON_DTYPE.values()
+              for axial, interleaved in ((True, False), (False, True), (True, True))]
     return specs
