@@ -1,0 +1,199 @@
+"""``transfusion-fast train | sample | eval | demo`` (also ``python -m transfusion_fast ...``).
+
+* ``train``: train on ``--task digits | sine | csv`` (``--data FILE.csv`` for csv) into ``--out``;
+  periodic checkpoints (``--checkpoint-every``), ``--resume`` continues from ``--out``.
+* ``sample``: from the checkpoint in ``--out``: digits → ``samples.png`` (one row per digit),
+  ``captions.txt`` (captions of the held-out images), ``samples.pt``; series → ``samples.npy``.
+* ``eval``: the metrics of those samples → ``metrics.json`` (and ``pca.png`` for series).
+* ``demo``: train + sample + eval with the defaults of the task, then print the metrics.
+
+``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .backend import BACKENDS, set_backend
+
+__all__ = ["main", "build_parser", "DEFAULTS"]
+
+# The defaults of each task: the budget the README's figures were measured with.
+DEFAULTS = {
+    "digits": {"steps": 1500, "batch_size": 48, "lr": 2e-3, "dim": 128, "depth": 4, "heads": 4,
+               "sample_steps": 50, "cfg_scale": 3.0},
+    "sine": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "dim": 128, "depth": 4, "heads": 4,
+             "sample_steps": 50, "cfg_scale": 1.0},
+}
+DEFAULTS["csv"] = DEFAULTS["sine"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transfusion-fast", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, with_task: bool):
+        p.add_argument("--out", default="runs/main", help="run directory (checkpoint, samples, metrics)")
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+        p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+        if with_task:
+            p.add_argument("--task", default="digits", choices=("digits", "sine", "csv"))
+            p.add_argument("--data", default=None, help="CSV file for --task csv (rows = time)")
+            p.add_argument("--length", type=int, default=100, help="window length L (time series)")
+            p.add_argument("--num-samples", type=int, default=2000, help="sine windows to generate")
+            p.add_argument("--image-size", type=int, default=8, choices=(8, 16), help="digit size")
+
+    def training(p):
+        p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
+        p.add_argument("--batch-size", type=int, default=None, help="samples packed per step")
+        p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+        p.add_argument("--dim", type=int, default=None)
+        p.add_argument("--depth", type=int, default=None)
+        p.add_argument("--heads", type=int, default=None)
+        p.add_argument("--checkpoint-every", type=int, default=200)
+        p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+    def sampling(p):
+        p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per span")
+        p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (digits)")
+        p.add_argument("--per-digit", type=int, default=20, help="generated images per digit")
+
+    p = commands.add_parser("train", help="train a model")
+    common(p, True)
+    training(p)
+    p = commands.add_parser("sample", help="sample from the checkpoint in --out")
+    common(p, False)
+    sampling(p)
+    p = commands.add_parser("eval", help="evaluate the samples in --out, write metrics.json")
+    common(p, False)
+    p.add_argument("--metric-iterations", type=int, default=300,
+                   help="training iterations of the LDS/LPS networks (time series)")
+    p = commands.add_parser("demo", help="train, sample, evaluate and print the metrics")
+    common(p, True)
+    training(p)
+    sampling(p)
+    p.add_argument("--metric-iterations", type=int, default=300)
+    return parser
+
+
+def _setting(args, name: str, task_name: str):
+    value = getattr(args, name, None)
+    return DEFAULTS[task_name][name] if value is None else value
+
+
+def _make_task(args):
+    from .train import DigitsTask, SeriesTask
+
+    if args.task == "digits":
+        return DigitsTask(image_size=args.image_size, seed=args.seed)
+    return SeriesTask(args.task, length=args.length, num_samples=args.num_samples,
+                      data_path=args.data, seed=args.seed)
+
+
+def _checkpoint_path(args) -> str:
+    from .train import CHECKPOINT_NAME
+
+    path = os.path.join(args.out, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path!r}: run `transfusion-fast train --out {args.out}` first")
+    return path
+
+
+def cmd_train(args) -> dict:
+    from .train import train
+
+    task = _make_task(args)
+    config = task.model_config(dim=_setting(args, "dim", task.name), depth=_setting(args, "depth", task.name),
+                               heads=_setting(args, "heads", task.name))
+    t0 = time.perf_counter()
+    model, history = train(task, args.out, steps=_setting(args, "steps", task.name),
+                           batch_size=_setting(args, "batch_size", task.name),
+                           lr=_setting(args, "lr", task.name), model_config=config, device=args.device,
+                           checkpoint_every=args.checkpoint_every, resume=args.resume,
+                           progress=not args.no_progress, seed=args.seed)
+    summary = {"task": task.name, "steps": _setting(args, "steps", task.name),
+               "parameters": model.num_parameters(), "train_seconds": time.perf_counter() - t0,
+               "tokens_per_second": history["tokens_per_second"],
+               "final_loss": history["loss"][-1] if history["loss"] else None}
+    with open(os.path.join(args.out, "train_summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(f"trained {summary['parameters']:,} parameters for {summary['steps']} steps in "
+          f"{summary['train_seconds']:.0f} s ({summary['tokens_per_second']:,.0f} tokens/s) -> "
+          f"{_checkpoint_path(args)}")
+    return summary
+
+
+def cmd_sample(args) -> dict:
+    from .train import task_from_checkpoint
+
+    task, model, _ = task_from_checkpoint(_checkpoint_path(args), device=args.device)
+    kwargs = {"steps": _setting(args, "sample_steps", task.name), "seed": args.seed,
+              "progress": not args.no_progress}
+    if task.name == "digits":
+        kwargs.update(per_digit=args.per_digit, cfg_scale=_setting(args, "cfg_scale", task.name))
+    result = task.sample(model, args.out, **kwargs)
+    print(f"sampled into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in result.items()))
+    return result
+
+
+def cmd_eval(args) -> dict:
+    from .train import make_task
+    from .checkpoint import load_checkpoint
+
+    _, info = load_checkpoint(_checkpoint_path(args))
+    task = make_task(info["extra"]["task"])
+    t0 = time.perf_counter()
+    if task.name == "digits":
+        result = task.evaluate(args.out)
+    else:
+        result = task.evaluate(args.out, iterations=args.metric_iterations)
+    result["eval_seconds"] = time.perf_counter() - t0
+    summary_path = os.path.join(args.out, "train_summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as handle:
+            result["train"] = json.load(handle)
+    with open(os.path.join(args.out, "metrics.json"), "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_demo(args) -> dict:
+    t0 = time.perf_counter()
+    cmd_train(args)
+    cmd_sample(args)
+    result = cmd_eval(args)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; metrics in "
+          f"{os.path.join(args.out, 'metrics.json')}")
+    return result
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``transfusion-fast`` console script."""
+    args = build_parser().parse_args(argv)
+    set_backend(args.backend)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be a positive int, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    COMMANDS[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

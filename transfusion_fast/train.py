@@ -1,0 +1,363 @@
+"""The main job: train a Transfusion model on real data, sample from it, and evaluate the samples.
+
+Two tasks, both offline:
+
+* ``digits`` — text ↔ image. Each training batch packs caption → image samples
+  (``BOS caption BOI patches EOI EOS``, captions varied) and image → caption samples
+  (``BOS BOI patches EOI "a handwritten seven" EOS``), so the LM loss, the diffusion loss, causal
+  text attention and bidirectional span attention are all exercised in one packed sequence.
+* ``sine`` / ``csv`` — time series: one window of L frames × F features is one bidirectional span
+  (``BOS BOI frames EOI EOS``), generated unconditionally (TransFusion, Sikder et al. 2023).
+
+A *task* object knows its data, the model config that fits it, how to draw a training batch,
+how to sample and how to evaluate; :func:`train` is the loop shared by all tasks (AdamW with
+warm-up and cosine decay, tqdm bar with loss and tokens/s, periodic checkpoints, resume).
+Everything needed to rebuild the task is stored in the checkpoint's ``extra`` metadata.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from . import metrics
+from .checkpoint import load_checkpoint, save_checkpoint
+from .model import ModalityConfig, Model, ModelConfig
+from .pack import pack
+from .tokenizer import BOI, BOS, EOI, EOS, PAD, VOCAB_SIZE, ByteTokenizer
+
+__all__ = ["DigitsTask", "SeriesTask", "make_task", "task_from_checkpoint", "train",
+           "CHECKPOINT_NAME", "TASKS"]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+TASKS = ("digits", "sine", "csv")
+
+
+def _base_config(**overrides) -> dict:
+    return dict(vocab_size=VOCAB_SIZE, bos_id=BOS, eos_id=EOS, boi_id=BOI, eoi_id=EOI, pad_id=PAD,
+                **overrides)
+
+
+# -------------------------------------------------------------------------------------- digits
+class DigitsTask:
+    """Captioned handwritten digits (scikit-learn's 8×8 set, optionally upsampled to 16×16)."""
+
+    name = "digits"
+
+    def __init__(self, image_size: int = 8, seed: int = 0, caption_fraction: float = 0.5):
+        if not 0.0 <= caption_fraction <= 1.0:
+            raise ValueError(f"caption_fraction must lie in [0, 1], got {caption_fraction!r}")
+        self.image_size, self.seed, self.caption_fraction = image_size, seed, caption_fraction
+        self.data = data_mod.load_digits_data(image_size, seed=seed)
+        self.tokenizer = ByteTokenizer()
+
+    def spec(self) -> dict:
+        """What :func:`make_task` needs to rebuild this task (stored in checkpoints)."""
+        return {"task": self.name, "image_size": self.image_size, "seed": self.seed,
+                "caption_fraction": self.caption_fraction}
+
+    def model_config(self, dim: int = 128, depth: int = 4, heads: int = 4) -> ModelConfig:
+        patch = 2 if self.image_size == 8 else 4        # 16 patches either way
+        return ModelConfig(**_base_config(
+            dim=dim, depth=depth, n_heads=heads, max_seq_len=512,
+            modalities=(ModalityConfig("image", "image", channels=1, patch_size=patch,
+                                       max_size=self.image_size),)))
+
+    def _text(self, caption: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(caption), dtype=torch.long)
+
+    def training_samples(self, batch_size: int, step: int) -> list:
+        """``batch_size`` samples for training step ``step`` (deterministic given seed and step)."""
+        rng = random.Random(self.seed * 1_000_003 + step)
+        images, labels = self.data.train_images, self.data.train_labels
+        samples = []
+        for _ in range(batch_size):
+            i = rng.randrange(len(labels))
+            label = int(labels[i])
+            if rng.random() < self.caption_fraction:
+                samples.append([images[i], self._text(data_mod.caption_for(label))])
+            else:
+                samples.append([self._text(data_mod.caption_for(label, rng)), images[i]])
+        return samples
+
+    # ------------------------------------------------------------------ sampling
+    def generate_images(self, model: Model, per_digit: int, steps: int, cfg_scale: float, seed: int,
+                        chunk: int = 100, progress: bool = False):
+        """``per_digit`` images per digit, the captions cycling through every template;
+        returns images ``(10·per_digit, 1, S, S)``, requested labels and the captions used."""
+        captions, labels = [], []
+        for k in range(per_digit):
+            for label in range(10):
+                template = data_mod.CAPTION_TEMPLATES[k % len(data_mod.CAPTION_TEMPLATES)]
+                captions.append(template.format(w=data_mod.DIGIT_WORDS[label], d=label))
+                labels.append(label)
+        shape = (1, self.image_size, self.image_size)
+        images = []
+        for start in range(0, len(captions), chunk):
+            prompts = [[torch.tensor(self.tokenizer.encode(c) + [BOI], dtype=torch.long)]
+                       for c in captions[start:start + chunk]]
+            outs = model.generate(prompts, max_new_tokens=0, num_inference_steps=steps,
+                                  cfg_scale=cfg_scale, seed=seed + start, span_shape=shape,
+                                  progress=progress)
+            images.extend(_first_span(o, shape) for o in outs)
+        return torch.stack(images), torch.tensor(labels), captions
+
+    def caption_images(self, model: Model, images: torch.Tensor, seed: int, chunk: int = 200,
+                       max_new_tokens: int = 32) -> list:
+        """Greedy captions of ``images`` ``(N, 1, S, S)``."""
+        captions = []
+        for start in range(0, len(images), chunk):
+            prompts = [[img] for img in images[start:start + chunk]]
+            outs = model.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                                  seed=seed + start, progress=False)
+            captions.extend(self.tokenizer.decode(torch.cat([t for t in o if not t.is_floating_point()])
+                                                  if o else []).strip() for o in outs)
+        return captions
+
+    def sample(self, model: Model, out_dir: str, *, per_digit: int = 20, steps: int = 50,
+               cfg_scale: float = 3.0, seed: int = 0, progress: bool = True) -> dict:
+        """Generate images for every caption and captions for every held-out image; write
+        ``samples.png`` (one row per digit), ``captions.txt`` and ``samples.pt``."""
+        os.makedirs(out_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        images, labels, captions = self.generate_images(model, per_digit, steps, cfg_scale, seed,
+                                                        progress=progress)
+        t_images = time.perf_counter() - t0
+        order = torch.argsort(labels, stable=True)                   # rows: digit 0 … 9
+        metrics.digit_grid_png(os.path.join(out_dir, "samples.png"), images[order], rows=10)
+        t0 = time.perf_counter()
+        held_out = self.data.test_images
+        generated_captions = self.caption_images(model, held_out, seed)
+        t_captions = time.perf_counter() - t0
+        with open(os.path.join(out_dir, "captions.txt"), "w") as handle:
+            for i, (caption, label) in enumerate(zip(generated_captions, self.data.test_labels.tolist())):
+                handle.write(f"held-out #{i}\ttrue: {data_mod.DIGIT_WORDS[label]}\tgenerated: {caption}\n")
+        torch.save({"images": images, "labels": labels, "prompts": captions,
+                    "captions": generated_captions, "caption_labels": self.data.test_labels,
+                    "settings": {"per_digit": per_digit, "steps": steps, "cfg_scale": cfg_scale,
+                                 "seed": seed}}, os.path.join(out_dir, "samples.pt"))
+        return {"images": len(images), "image_seconds": t_images, "captions": len(generated_captions),
+                "caption_seconds": t_captions}
+
+    def evaluate(self, out_dir: str) -> dict:
+        """Conditional accuracy, captioning accuracy and the Fréchet distance of ``samples.pt``."""
+        saved = torch.load(os.path.join(out_dir, "samples.pt"), weights_only=False)
+        classifier = metrics.DigitClassifier(seed=self.seed).fit(self.data.train_images,
+                                                                 self.data.train_labels)
+        real = self.data.test_images
+        return {
+            "task": self.name,
+            "conditional_accuracy": metrics.conditional_accuracy(classifier, saved["images"], saved["labels"]),
+            "captioning_accuracy": metrics.captioning_accuracy(saved["captions"], saved["caption_labels"]),
+            "frechet_distance": metrics.frechet_distance(classifier.features(real),
+                                                         classifier.features(saved["images"])),
+            "classifier_accuracy_on_held_out": classifier.accuracy(real, self.data.test_labels),
+            "frechet_distance_train_vs_held_out": metrics.frechet_distance(
+                classifier.features(real), classifier.features(self.data.train_images)),
+            "generated_images": int(len(saved["images"])),
+            "captioned_images": int(len(saved["captions"])),
+            "sampler": dict(saved["settings"], sampler="ddim"),
+        }
+
+
+def _first_span(items: list, shape) -> torch.Tensor:
+    for item in items:
+        if item.is_floating_point():
+            return item.reshape(shape)
+    raise RuntimeError(f"generation returned no span (items: {[tuple(i.shape) for i in items]})")
+
+
+# ---------------------------------------------------------------------------------- time series
+class SeriesTask:
+    """Unconditional time-series windows: the sine benchmark or sliding windows of a CSV file."""
+
+    def __init__(self, kind: str = "sine", length: int = 100, features: int = 5,
+                 num_samples: int = 2000, data_path: str | None = None, seed: int = 0):
+        if kind not in ("sine", "csv"):
+            raise ValueError(f"kind must be 'sine' or 'csv', got {kind!r}")
+        if kind == "csv" and not data_path:
+            raise ValueError("--task csv needs --data FILE.csv")
+        self.name, self.length, self.seed, self.data_path = kind, length, seed, data_path
+        self.num_samples = num_samples
+        self.scaler = None
+        if kind == "sine":
+            windows = data_mod.sine_windows(num_samples, length, features, seed=seed)
+        else:
+            windows, self.scaler = data_mod.csv_windows(data_path, length)
+        self.features = int(windows.shape[2])
+        self.train_windows, self.test_windows = data_mod.split_windows(windows, seed=seed)
+        self.train_model = torch.from_numpy(data_mod.to_model_range(self.train_windows))
+
+    def spec(self) -> dict:
+        return {"task": self.name, "length": self.length, "features": self.features,
+                "num_samples": self.num_samples, "data_path": self.data_path, "seed": self.seed}
+
+    def patch_size(self) -> int:
+        """Frames per span row: the largest of 8, 4, 2, 1 that divides L and keeps >= 12 rows."""
+        for p in (8, 4, 2):
+            if self.length % p == 0 and self.length // p >= 12:
+                return p
+        return 1
+
+    def model_config(self, dim: int = 128, depth: int = 4, heads: int = 4) -> ModelConfig:
+        return ModelConfig(**_base_config(
+            dim=dim, depth=depth, n_heads=heads, cfg_drop_prob=0.0, conditioning="adaln_zero",
+            max_seq_len=max(512, self.length + 8),
+            modalities=(ModalityConfig("series", "sequence", channels=self.features,
+                                       patch_size=self.patch_size(), max_size=self.length),)))
+
+    def training_samples(self, batch_size: int, step: int) -> list:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(self.train_model), (batch_size,), generator=gen)
+        return [[("series", self.train_model[i])] for i in idx.tolist()]
+
+    def generate_windows(self, model: Model, count: int, steps: int, seed: int, chunk: int = 200,
+                         progress: bool = False) -> np.ndarray:
+        """``count`` generated windows ``(count, L, F)`` in [0, 1]."""
+        shape = (self.length, self.features)
+        out = []
+        for start in range(0, count, chunk):
+            prompts = [[torch.tensor([BOI], dtype=torch.long)] for _ in range(min(chunk, count - start))]
+            gens = model.generate(prompts, max_new_tokens=0, num_inference_steps=steps, cfg_scale=1.0,
+                                  seed=seed + start, span_shape=shape, progress=progress)
+            out.extend(_first_span(g, shape) for g in gens)
+        windows = data_mod.from_model_range(torch.stack(out).clamp(-1, 1)).numpy()
+        return windows.astype(np.float32)
+
+    def sample(self, model: Model, out_dir: str, *, count: int | None = None, steps: int = 50,
+               seed: int = 0, progress: bool = True, **_unused) -> dict:
+        """Generate as many windows as the held-out set holds (or ``count``); write
+        ``samples.npy`` ([0, 1]) and, for CSV data, ``samples_original_units.npy``."""
+        os.makedirs(out_dir, exist_ok=True)
+        count = count or len(self.test_windows)
+        t0 = time.perf_counter()
+        windows = self.generate_windows(model, count, steps, seed, progress=progress)
+        np.save(os.path.join(out_dir, "samples.npy"), windows)
+        if self.scaler is not None:
+            np.save(os.path.join(out_dir, "samples_original_units.npy"), self.scaler.inverse(windows))
+        with open(os.path.join(out_dir, "sample_settings.json"), "w") as handle:
+            json.dump({"steps": steps, "seed": seed, "count": count, "sampler": "ddim"}, handle)
+        return {"windows": count, "seconds": time.perf_counter() - t0}
+
+    def evaluate(self, out_dir: str, iterations: int = 300, hidden: int = 16) -> dict:
+        """LDS and LPS of ``samples.npy`` against the held-out windows, and ``pca.png``."""
+        synthetic = np.load(os.path.join(out_dir, "samples.npy"))
+        real = self.test_windows
+        metrics.pca_png(os.path.join(out_dir, "pca.png"), real, synthetic)
+        rng = np.random.default_rng(self.seed)
+        real_train = self.train_windows[rng.permutation(len(self.train_windows))[:len(synthetic)]]
+        lps = metrics.predictive_score(synthetic, real, iterations=iterations, hidden=hidden, seed=self.seed)
+        lps_real = metrics.predictive_score(real_train, real, iterations=iterations, hidden=hidden,
+                                            seed=self.seed)
+        return {
+            "task": self.name, "length": self.length, "features": self.features,
+            "lds": metrics.discriminative_score(real, synthetic, iterations=iterations, hidden=hidden,
+                                                seed=self.seed),
+            "lps": lps, "lps_real_data": lps_real, "lps_ratio": lps / lps_real,
+            "lds_real_vs_real": metrics.discriminative_score(real, real_train, iterations=iterations,
+                                                             hidden=hidden, seed=self.seed),
+            "synthetic_windows": int(len(synthetic)), "held_out_windows": int(len(real)),
+            "metric_settings": {"iterations": iterations, "hidden": hidden},
+        }
+
+
+# ---------------------------------------------------------------------------------- task lookup
+def make_task(spec: dict):
+    """The task described by ``spec`` (``{"task": "digits" | "sine" | "csv", ...}``)."""
+    spec = dict(spec)
+    kind = spec.pop("task", None)
+    if kind == "digits":
+        return DigitsTask(**{k: spec[k] for k in ("image_size", "seed", "caption_fraction") if k in spec})
+    if kind in ("sine", "csv"):
+        keys = ("length", "features", "num_samples", "data_path", "seed")
+        return SeriesTask(kind, **{k: spec[k] for k in keys if k in spec and spec[k] is not None})
+    raise ValueError(f"task must be one of {TASKS}, got {kind!r}")
+
+
+def task_from_checkpoint(path: str, device="cpu"):
+    """``(task, model, info)`` rebuilt from a checkpoint written by :func:`train`."""
+    model, info = load_checkpoint(path, map_location="cpu")
+    spec = info["extra"].get("task")
+    if not spec:
+        raise ValueError(f"checkpoint {path!r} holds no task description (not written by transfusion-fast train)")
+    return make_task(spec), model.to(device), info
+
+
+# ---------------------------------------------------------------------------------- training
+def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(task, out_dir: str, *, steps: int, batch_size: int = 64, lr: float = 1e-3,
+          warmup: int = 50, model_config: ModelConfig | None = None, device="cpu",
+          checkpoint_every: int = 200, resume: bool = False, progress: bool = True,
+          seed: int = 0) -> tuple:
+    """Train on ``task`` for ``steps`` optimizer steps in total; checkpoint to
+    ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` steps and at the end.
+
+    With ``resume`` the checkpoint in ``out_dir`` (weights, optimizer, step) is loaded and
+    training continues up to ``steps``. Returns ``(model, history)`` where history holds the
+    loss curve (every step) and the throughput.
+    """
+    from tqdm.auto import tqdm
+
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, CHECKPOINT_NAME)
+    torch.manual_seed(seed)
+    start = 0
+    if resume:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
+        model, _ = load_checkpoint(path, map_location="cpu")
+    else:
+        model = Model(model_config or task.model_config())
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    if resume:
+        _, info = load_checkpoint(path, model, optimizer, map_location=device)
+        start = int(info["step"] or 0)
+    extra = {"task": task.spec(), "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
+                                            "warmup": warmup, "seed": seed}}
+
+    history = {"loss": [], "lm_loss": [], "diffusion_loss": [], "tokens": 0, "seconds": 0.0}
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="train")
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = pack(task.training_samples(batch_size, step), model.config,
+                     seed=seed * 1_000_003 + step, device=device)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, lr, warmup)
+        out = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        elapsed = time.perf_counter() - t0
+        history["tokens"] += batch.num_tokens
+        history["seconds"] += elapsed
+        for key in ("loss", "lm_loss", "diffusion_loss"):
+            history[key].append(float(out[key].detach()))
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", lm=f"{history['lm_loss'][-1]:.3f}",
+                        diff=f"{history['diffusion_loss'][-1]:.3f}",
+                        tok_s=f"{batch.num_tokens / elapsed:,.0f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(path, model, optimizer, step=step + 1, extra=extra)
+            recent = history["loss"][-checkpoint_every:]
+            tqdm.write(f"step {step + 1}/{steps}: mean loss {sum(recent) / len(recent):.4f} over the "
+                       f"last {len(recent)} steps, {history['tokens'] / history['seconds']:,.0f} tokens/s, "
+                       f"checkpoint {path}")
+    bar.close()
+    history["tokens_per_second"] = history["tokens"] / history["seconds"] if history["seconds"] else 0.0
+    return model, history
