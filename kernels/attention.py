@@ -47,11 +47,18 @@ def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt
                    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_WORK: tl.constexpr):
     """Online-softmax update of one row tile over key tiles [tile_lo, tile_hi)."""
     d_ok = offs_d < HEAD_DIM
+    # int32 offsets inside a tile, an int64 scalar offset per tile: few 64-bit registers
+    kt_offs = offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_offs = offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_tile = k_base + tile_lo.to(tl.int64) * BLOCK_N * stride_kt
+    v_tile = v_base + tile_lo.to(tl.int64) * BLOCK_N * stride_vt
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_N + offs_n
         # -- load K^T (D, N) and V (N, D); full tiles need a bound only on a padded head_dim
-        kt_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
-        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        kt_ptrs = k_tile + kt_offs
+        v_ptrs = v_tile + v_offs
+        k_tile += BLOCK_N * stride_kt
+        v_tile += BLOCK_N * stride_vt
         if MASKED:
             col_ok = cols < n_keys
             kt = tl.load(kt_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
@@ -100,10 +107,12 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FU
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < n_queries
     d_ok = offs_d < HEAD_DIM
-    rows64 = rows.to(tl.int64)
+    first_row = (pid_m * BLOCK_M).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
 
     # -- this tile's rows: queries and their key intervals (padding rows see nothing)
-    q = tl.load(Q + rows64[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q = tl.load(Q + first_row * stride_qt + head * stride_qh
+                + (offs_m[:, None] * stride_qt + offs_d[None, :]),
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     kv_start = tl.load(KV_START + rows, mask=row_ok, other=0)
     kv_end = tl.load(KV_END + rows, mask=row_ok, other=0)
@@ -137,7 +146,8 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FU
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
-    tl.store(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+    tl.store(O + first_row * stride_ot + head * stride_oh
+             + (offs_m[:, None] * stride_ot + offs_d[None, :]),
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + head * n_queries + rows, lse, mask=row_ok)
     if COUNT_WORK:
@@ -155,10 +165,13 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, s
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < n_queries
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows64 = rows.to(tl.int64)
-    o = tl.load(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+    first_row = (pid_m * BLOCK_M).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    o = tl.load(O + first_row * stride_ot + head * stride_oh
+                + (offs_m[:, None] * stride_ot + offs_d[None, :]),
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + first_row * stride_dot + head * stride_doh
+                 + (offs_m[:, None] * stride_dot + offs_d[None, :]),
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     # d lse_i / d s_ij = p_ij: an lse gradient enters dS exactly like a shift of delta
@@ -175,11 +188,16 @@ def _dkdv_tile_walk(dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, 
                     COUNT_WORK: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [tile_lo, tile_hi) of one query head."""
     d_ok = offs_d < HEAD_DIM
+    q_offs = offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_offs = offs_m[:, None] * stride_dot + offs_d[None, :]
+    q_tile = q_base + tile_lo.to(tl.int64) * BLOCK_M * stride_qt
+    do_tile = do_base + tile_lo.to(tl.int64) * BLOCK_M * stride_dot
     for tile in range(tile_lo, tile_hi):
         rows = tile * BLOCK_M + offs_m
-        rows64 = rows.to(tl.int64)
-        q_ptrs = q_base + rows64[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = do_base + rows64[:, None] * stride_dot + offs_d[None, :]
+        q_ptrs = q_tile + q_offs
+        do_ptrs = do_tile + do_offs
+        q_tile += BLOCK_M * stride_qt
+        do_tile += BLOCK_M * stride_dot
         # -- load Q, dO (M, D) and the per-row softmax statistics
         if MASKED:
             row_ok = rows < n_queries
@@ -231,13 +249,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < n_keys
     kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    cols64 = cols.to(tl.int64)
+    first_col = (pid_n * BLOCK_N).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
 
     # -- this key tile stays in registers for the whole walk
-    k = tl.load(K + cols64[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + cols64[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(K + first_col * stride_kt + kv_head * stride_kh
+                + (offs_n[:, None] * stride_kt + offs_d[None, :]), mask=kv_mask, other=0.0)
+    v = tl.load(V + first_col * stride_vt + kv_head * stride_vh
+                + (offs_n[:, None] * stride_vt + offs_d[None, :]), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -268,9 +287,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
             HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_PRECISION, COUNT_WORK)
 
     dk *= scale
-    tl.store(DK + cols64[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+    tl.store(DK + first_col * stride_dkt + kv_head * stride_dkh
+             + (offs_n[:, None] * stride_dkt + offs_d[None, :]),
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + cols64[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+    tl.store(DV + first_col * stride_dvt + kv_head * stride_dvh
+             + (offs_n[:, None] * stride_dvt + offs_d[None, :]),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
     if COUNT_WORK:
         tl.store(WORK + kv_head * tl.num_programs(0) + pid_n, count)
@@ -283,11 +304,17 @@ def _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, strid
                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_WORK: tl.constexpr):
     """Accumulate dQ of one row tile over key tiles [tile_lo, tile_hi)."""
     d_ok = offs_d < HEAD_DIM
+    kt_offs = offs_n[None, :] * stride_kt + offs_d[:, None]
+    vt_offs = offs_n[None, :] * stride_vt + offs_d[:, None]
+    k_tile = k_base + tile_lo.to(tl.int64) * BLOCK_N * stride_kt
+    v_tile = v_base + tile_lo.to(tl.int64) * BLOCK_N * stride_vt
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_N + offs_n
         # -- load K^T and V^T (D, N)
-        kt_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
-        vt_ptrs = v_base + cols[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
+        kt_ptrs = k_tile + kt_offs
+        vt_ptrs = v_tile + vt_offs
+        k_tile += BLOCK_N * stride_kt
+        v_tile += BLOCK_N * stride_vt
         if MASKED:
             mask = d_ok[:, None] & (cols < n_keys)[None, :]
             kt = tl.load(kt_ptrs, mask=mask, other=0.0)
@@ -331,13 +358,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < n_queries
     q_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows64 = rows.to(tl.int64)
+    first_row = (pid_m * BLOCK_M).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
 
     # -- this tile's rows: Q, dO, statistics and key intervals
-    q = tl.load(Q + rows64[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                 mask=q_mask, other=0.0)
+    q = tl.load(Q + first_row * stride_qt + head * stride_qh
+                + (offs_m[:, None] * stride_qt + offs_d[None, :]), mask=q_mask, other=0.0)
+    do = tl.load(DO + first_row * stride_dot + head * stride_doh
+                 + (offs_m[:, None] * stride_dot + offs_d[None, :]), mask=q_mask, other=0.0)
     lse = tl.load(LSE + head * n_queries + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * n_queries + rows, mask=row_ok, other=0.0)
     kv_start = tl.load(KV_START + rows, mask=row_ok, other=0)
@@ -365,7 +393,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
                               qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
                               COUNT_WORK)
     dq *= scale
-    tl.store(DQ + rows64[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+    tl.store(DQ + first_row * stride_dqt + head * stride_dqh
+             + (offs_m[:, None] * stride_dqt + offs_d[None, :]),
              dq.to(DQ.dtype.element_ty), mask=q_mask)
     if COUNT_WORK:
         tl.store(WORK + head * tl.num_programs(0) + pid_m, count)
@@ -672,3 +701,68 @@ def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 
                    "minimal": table.counts()["computed"] * num_q_heads,
                    "block": (table.block_m, table.block_n)}
             for name, table in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))}
+
+
+# ================================================================================== AOT specs
+_KERNELS = {"fwd": _attn_fwd, "preprocess": _attn_bwd_preprocess, "dkdv": _attn_bwd_dkdv,
+            "dq": _attn_bwd_dq}
+_AOT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signature(kernel, data_type: str, constexprs: dict) -> dict:
+    """Triton signature of ``kernel``: tensors of the input dtype, fp32 statistics, int32 tables."""
+    import inspect
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            signature[name] = f"*{data_type}"
+        elif name in ("LSE", "DELTA", "DLSE"):
+            signature[name] = "*fp32"
+        elif name.isupper():
+            signature[name] = "*i32"
+        elif name in ("qk_scale_log2", "scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def aot_specs(arch: int | None = None) -> list:
+    """Every shipped kernel config as a :class:`transfusion_fast.aot.KernelSpec`, labelled.
+
+    One spec per (kernel in fwd / bwd preprocess / dkdv / dq, head_dim, fp16 | bf16, arch); the
+    label ends in ``@sm80`` / ``@sm90``: compile each spec for its own arch, e.g.
+    ``compile_report(aot_specs(90), archs=(90,))``. ``arch=None`` returns both generations.
+    """
+    from transfusion_fast.aot import KernelSpec
+    from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS
+
+    specs = []
+    for gen in ((80, 90) if arch is None else (arch,)):
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            for dtype, data_type in _AOT_DTYPES.items():
+                config = _HALF_CONFIGS[(gen, head_dim)]
+                block_d = triton.next_power_of_2(head_dim)
+                common = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
+                attn = dict(common, GROUP=1, DOT_PRECISION=_dot_precision(dtype), COUNT_WORK=False)
+                kernels = {
+                    "fwd": (dict(attn, BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n),
+                            config.fwd_warps, config.fwd_stages),
+                    "preprocess": (dict(common, BLOCK_M=64, HAS_DLSE=False), 4, 1),
+                    "dkdv": (dict(attn, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n),
+                             config.bwd_warps, config.bwd_stages),
+                    "dq": (dict(attn, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n),
+                           config.bwd_warps, config.bwd_stages),
+                }
+                for name, (constexprs, warps, stages) in kernels.items():
+                    kernel = _KERNELS[name]
+                    blocks = (f" {constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}"
+                              if "BLOCK_N" in constexprs else "")
+                    specs.append(KernelSpec(
+                        module=__name__, kernel=kernel.fn.__name__,
+                        signature=_signature(kernel, data_type, constexprs), constexprs=constexprs,
+                        num_warps=warps, num_stages=stages,
+                        label=f"{name} d{head_dim} {data_type}{blocks} w{warps}s{stages} @sm{gen}"))
+    return specs
