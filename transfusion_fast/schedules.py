@@ -20,6 +20,8 @@ class Schedule:
     """β_t, α_t and ᾱ_t for t = 0 … T−1, float64 on the CPU; ``.to(device, dtype)`` for kernels."""
 
     def __init__(self, name: str, betas: torch.Tensor):
+        if not (betas.dtype == torch.float64 and betas.dim() == 1 and betas.numel() >= 1):
+            raise ValueError(f"betas must be a non-empty float64 vector, got {betas.dtype} {tuple(betas.shape)}")
         self.name = name
         self.betas = betas
         self.alphas = 1.0 - betas
@@ -27,11 +29,24 @@ class Schedule:
         self.num_steps = betas.numel()
         self._cast: dict = {}
 
-    def alphas_cumprod_on(self, device, dtype=torch.float32) -> torch.Tensor:
-        key = (torch.device(device), dtype)
+    def _cached(self, name: str, device, dtype, make) -> torch.Tensor:
+        key = (name, torch.device(device), dtype)
         if key not in self._cast:
-            self._cast[key] = self.alphas_cumprod.to(device=device, dtype=dtype)
+            self._cast[key] = make().to(device=device, dtype=dtype)
         return self._cast[key]
+
+    def alphas_cumprod_on(self, device, dtype=torch.float32) -> torch.Tensor:
+        """ᾱ_t, t = 0 … T−1, on ``device`` in ``dtype`` (cached)."""
+        return self._cached("alphas_cumprod", device, dtype, lambda: self.alphas_cumprod)
+
+    def sqrt_alphas_cumprod_on(self, device, dtype=torch.float64) -> torch.Tensor:
+        """sqrt(ᾱ_t), the x0 coefficient of q_sample, computed in float64 (cached)."""
+        return self._cached("sqrt_alphas_cumprod", device, dtype, lambda: self.alphas_cumprod.sqrt())
+
+    def sqrt_one_minus_alphas_cumprod_on(self, device, dtype=torch.float64) -> torch.Tensor:
+        """sqrt(1 − ᾱ_t), the noise coefficient of q_sample, computed in float64 (cached)."""
+        return self._cached("sqrt_one_minus_alphas_cumprod", device, dtype,
+                            lambda: (1.0 - self.alphas_cumprod).sqrt())
 
     def __repr__(self) -> str:
         return f"Schedule({self.name!r}, num_steps={self.num_steps})"

@@ -1,0 +1,167 @@
+// DDPM ancestral and DDIM sampler steps, each one fused pass: classifier-free guidance combine,
+// prediction-type conversion, the step itself and (when the step is stochastic) Philox noise.
+// Schemas and CPU kernels; the per-row coefficient math lives in philox.h, shared with CUDA.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <vector>
+
+#include "philox.h"
+
+namespace transfusion_fast {
+
+enum class StepKind { kDDPM, kDDIM };
+
+// Validation shared with the CUDA kernels (the Python fronts check the same with clearer messages).
+void check_step_args(const at::Tensor& x_t, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond_out,
+                     const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                     int64_t prediction, const std::optional<at::Tensor>& noise) {
+  TORCH_CHECK(x_t.dim() >= 1, "sampler step: x_t needs a leading row dimension");
+  TORCH_CHECK(model_out.sizes() == x_t.sizes() && model_out.scalar_type() == x_t.scalar_type(),
+              "sampler step: model_out must match x_t in shape and dtype");
+  TORCH_CHECK(!uncond_out || (uncond_out->sizes() == x_t.sizes() && uncond_out->scalar_type() == x_t.scalar_type()),
+              "sampler step: uncond_out must match x_t in shape and dtype");
+  TORCH_CHECK(!noise || (noise->sizes() == x_t.sizes() && noise->scalar_type() == x_t.scalar_type()),
+              "sampler step: noise must match x_t in shape and dtype");
+  for (const auto* steps : {&t, &t_prev}) {
+    TORCH_CHECK(steps->dim() == 1 && steps->size(0) == x_t.size(0) &&
+                    (steps->scalar_type() == at::kLong || steps->scalar_type() == at::kInt),
+                "sampler step: t and t_prev must be int32/int64 tensors of shape (", x_t.size(0), ",)");
+  }
+  TORCH_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.scalar_type() == at::kDouble,
+              "sampler step: alphas_cumprod must be a float64 vector");
+  TORCH_CHECK(prediction >= kPredictEps && prediction <= kPredictV, "sampler step: unknown prediction code ",
+              prediction);
+  std::vector<const at::Tensor*> tensors = {&model_out, &t, &t_prev, &alphas_cumprod};
+  if (uncond_out) tensors.push_back(&*uncond_out);
+  if (noise) tensors.push_back(&*noise);
+  for (const auto* tensor : tensors) {
+    TORCH_CHECK(tensor->device() == x_t.device(), "sampler step: all tensors must be on ", x_t.device(), ", got ",
+                tensor->device());
+  }
+}
+
+namespace {
+
+constexpr int64_t kChunk = 1024;  // multiple of 4: a Philox block never straddles two work items
+
+template <typename scalar_t>
+void step_cpu_kernel(const std::vector<StepCoefficients>& coefficients, const at::Tensor& x_t,
+                     const at::Tensor& model_out, const at::Tensor* uncond_out, double cfg_scale,
+                     const at::Tensor* noise, uint64_t seed, const at::Tensor& out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t numel = x_t.numel(), row_size = numel / std::max<int64_t>(x_t.size(0), 1);
+  const scalar_t* x = x_t.const_data_ptr<scalar_t>();
+  const scalar_t* cond = model_out.const_data_ptr<scalar_t>();
+  const scalar_t* uncond = uncond_out ? uncond_out->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* given_noise = noise ? noise->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* result = out.mutable_data_ptr<scalar_t>();
+  const opmath_t scale = static_cast<opmath_t>(cfg_scale);
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    alignas(64) float buf[kChunk];
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t begin = chunk * kChunk, end = std::min(numel, begin + kChunk);
+      bool generated = false;
+      for (int64_t i = begin; i < end;) {
+        const int64_t row = i / row_size, row_end = std::min(end, (row + 1) * row_size);
+        const StepCoefficients& c = coefficients[row];
+        const opmath_t cx = static_cast<opmath_t>(c.x), cm = static_cast<opmath_t>(c.model);
+        const opmath_t cz = static_cast<opmath_t>(c.noise);
+        const bool with_noise = c.noise != 0.0;
+        if (with_noise && !given_noise && !generated) {
+          const int64_t blocks = (end - begin + 3) / 4;
+          for (int64_t j = 0; j < blocks; ++j) {
+            philox_normal4(seed, static_cast<uint64_t>(begin / 4 + j), buf + 4 * j);
+          }
+          generated = true;
+        }
+        for (; i < row_end; ++i) {
+          opmath_t m = static_cast<opmath_t>(cond[i]);
+          if (uncond) {
+            const opmath_t u = static_cast<opmath_t>(uncond[i]);
+            m = add_rn(u, mul_rn(scale, add_rn(m, -u)));
+          }
+          opmath_t value = add_rn(mul_rn(cx, static_cast<opmath_t>(x[i])), mul_rn(cm, m));
+          if (with_noise) {
+            const scalar_t z = given_noise ? given_noise[i] : static_cast<scalar_t>(buf[i - begin]);
+            value = add_rn(value, mul_rn(cz, static_cast<opmath_t>(z)));
+          }
+          result[i] = static_cast<scalar_t>(value);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor sampler_step_cpu(StepKind kind, const at::Tensor& x_t_in, const at::Tensor& model_out_in,
+                            const std::optional<at::Tensor>& uncond_in, const at::Tensor& t_in,
+                            const at::Tensor& t_prev_in, const at::Tensor& alphas_cumprod, int64_t prediction,
+                            double eta, double cfg_scale, const std::optional<at::Tensor>& noise_in,
+                            std::optional<int64_t> seed) {
+  check_step_args(x_t_in, model_out_in, uncond_in, t_in, t_prev_in, alphas_cumprod, prediction, noise_in);
+  const at::Tensor x_t = x_t_in.contiguous(), model_out = model_out_in.contiguous();
+  const at::Tensor t = t_in.to(at::kLong).contiguous(), t_prev = t_prev_in.to(at::kLong).contiguous();
+  const at::Tensor table = alphas_cumprod.contiguous();
+  const int64_t steps = table.size(0), rows = x_t.size(0);
+  const int64_t* t_data = t.const_data_ptr<int64_t>();
+  const int64_t* t_prev_data = t_prev.const_data_ptr<int64_t>();
+  const double* alpha_bar = table.const_data_ptr<double>();
+  std::vector<StepCoefficients> coefficients(rows);
+  bool needs_noise = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(t_data[r] >= 0 && t_data[r] < steps && t_prev_data[r] >= -1 && t_prev_data[r] < t_data[r],
+                "sampler step: row ", r, " needs 0 <= t < ", steps, " and -1 <= t_prev < t, got t=", t_data[r],
+                " t_prev=", t_prev_data[r]);
+    const double ab_t = alpha_bar[t_data[r]], ab_prev = t_prev_data[r] >= 0 ? alpha_bar[t_prev_data[r]] : 1.0;
+    coefficients[r] = kind == StepKind::kDDPM ? ddpm_coefficients(prediction, t_data[r], ab_t, ab_prev)
+                                              : ddim_coefficients(prediction, eta, ab_t, ab_prev);
+    needs_noise = needs_noise || coefficients[r].noise != 0.0;
+  }
+  TORCH_CHECK(!needs_noise || noise_in || seed, "sampler step: this step draws noise: give noise or a seed");
+  at::Tensor uncond, noise;
+  if (uncond_in) uncond = uncond_in->contiguous();
+  if (noise_in) noise = noise_in->contiguous();
+  at::Tensor out = at::empty_like(x_t);
+  const uint64_t seed_value = seed ? static_cast<uint64_t>(*seed) : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "sampler_step_cpu", [&] {
+    step_cpu_kernel<scalar_t>(coefficients, x_t, model_out, uncond_in ? &uncond : nullptr, cfg_scale,
+                              noise_in ? &noise : nullptr, seed_value, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond_out,
+                         const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                         int64_t prediction, double cfg_scale, const std::optional<at::Tensor>& noise,
+                         std::optional<int64_t> seed) {
+  return sampler_step_cpu(StepKind::kDDPM, x_t, model_out, uncond_out, t, t_prev, alphas_cumprod, prediction, 0.0,
+                          cfg_scale, noise, seed);
+}
+
+at::Tensor ddim_step_cpu(const at::Tensor& x_t, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond_out,
+                         const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                         int64_t prediction, double eta, double cfg_scale, const std::optional<at::Tensor>& noise,
+                         std::optional<int64_t> seed) {
+  return sampler_step_cpu(StepKind::kDDIM, x_t, model_out, uncond_out, t, t_prev, alphas_cumprod, prediction, eta,
+                          cfg_scale, noise, seed);
+}
+
+TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
+  m.def("ddpm_step(Tensor x_t, Tensor model_out, Tensor? uncond_out, Tensor t, Tensor t_prev, "
+        "Tensor alphas_cumprod, int prediction, float cfg_scale, Tensor? noise, int? seed) -> Tensor");
+  m.def("ddim_step(Tensor x_t, Tensor model_out, Tensor? uncond_out, Tensor t, Tensor t_prev, "
+        "Tensor alphas_cumprod, int prediction, float eta, float cfg_scale, Tensor? noise, int? seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(transfusion_fast, CPU, m) {
+  m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("ddim_step", &ddim_step_cpu);
+}
+
+}  // namespace transfusion_fast

@@ -1,0 +1,197 @@
+"""Sampler steps for generation: DDPM (ancestral) and DDIM, one fused op each, on packed rows.
+
+Each step reads ``x_t``, the model output (and, for classifier-free guidance, the unconditional
+output: ``out = uncond + cfg_scale·(cond − uncond)``), converts the prediction (``"eps"``, ``"x0"``
+or ``"v"``) and writes ``x_{t_prev}`` in one pass; a stochastic step also generates its noise from
+Philox keyed by ``(seed, element index)`` exactly as :func:`transfusion_fast.ops.add_noise` does.
+Every row has its own ``t`` and ``t_prev`` (int tensors, one entry per row); ``t_prev = -1`` is the
+final step to x0 (ᾱ = 1).
+
+The formulas are diffusers' (``DDPMScheduler`` with ``variance_type="fixed_small"``,
+``DDIMScheduler`` with ``set_alpha_to_one=True``, both without sample clipping or thresholding):
+the tests check them against diffusers step by step.
+
+Timesteps: :func:`inference_timesteps` uses the ``"trailing"`` spacing of diffusers (Lin et al. 2024,
+"Common diffusion noise schedules and sample steps are flawed"): the first step starts from the
+last train step T−1, the pure-noise end, rather than ``"leading"``'s T−T/n.
+
+Backends: ``reference`` runs the PyTorch twins (float64 arithmetic); ``auto`` and ``triton`` run the
+compiled kernels of csrc/sampler.cpp / csrc/sampler_cuda.cu on the tensor's device. There is no
+Triton version of these ops. Sampling is inference: the ops have no autograd.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+from .. import _ext
+from .. import backend as _backend
+from ..schedules import Schedule
+from .noise import (check_like, check_prediction, check_rows, check_schedule, check_seed, check_timesteps,
+                    philox_normal_reference, predicted_eps, predicted_x0, resolve_seed)
+
+__all__ = ["ddpm_step", "ddim_step", "ddpm_step_reference", "ddim_step_reference", "inference_timesteps",
+           "check_step_inputs"]
+
+_PREDICTION_CODES = {"eps": 0, "x0": 1, "v": 2}  # csrc/philox.h: enum Prediction
+
+
+def inference_timesteps(num_train_steps: int = 1000, num_inference_steps: int = 250) -> torch.Tensor:
+    """The descending int64 timesteps of a strided sampler, diffusers' ``"trailing"`` spacing:
+    ``round(T − k·T/n) − 1`` for ``k = 0 … n−1`` (ties to even, as numpy), e.g. 999, 995, …, 3 for
+    1000 → 250. Step ``k`` goes from ``timesteps[k]`` to ``timesteps[k+1]``, the last one to -1 (x0)."""
+    for name, value in (("num_train_steps", num_train_steps), ("num_inference_steps", num_inference_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_inference_steps > num_train_steps:
+        raise ValueError(f"num_inference_steps must be <= num_train_steps={num_train_steps}, got "
+                         f"{num_inference_steps}")
+    values = [round(Fraction(num_train_steps * (num_inference_steps - k), num_inference_steps)) - 1
+              for k in range(num_inference_steps)]
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def check_step_inputs(x_t, model_out, t, t_prev, schedule, prediction, uncond_out, cfg_scale, seed, noise,
+                      eta: float = 0.0) -> None:
+    check_rows("x_t", x_t)
+    check_like("model_out", model_out, x_t, "x_t")
+    check_schedule(schedule)
+    check_timesteps("t", t, x_t.shape[0], x_t.device, schedule)
+    check_timesteps("t_prev", t_prev, x_t.shape[0], x_t.device, schedule, allow_final=True)
+    if t.numel() and bool((t_prev >= t).any()):
+        row = int((t_prev >= t).nonzero()[0, 0])
+        raise ValueError(f"t_prev must be < t in every row (a step goes back in time), got t={int(t[row])} "
+                         f"t_prev={int(t_prev[row])} in row {row}")
+    check_prediction(prediction)
+    if uncond_out is not None:
+        check_like("uncond_out", uncond_out, x_t, "x_t")
+    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
+        raise ValueError(f"cfg_scale must be a float, got {cfg_scale!r}")
+    if uncond_out is None and cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale={cfg_scale} needs uncond_out (the unconditional model output)")
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
+        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    if noise is not None:
+        check_like("noise", noise, x_t, "x_t")
+        if seed is not None:
+            raise ValueError("give noise or seed, not both")
+    check_seed(seed)
+
+
+def _guided(model_out, uncond_out, cfg_scale):
+    return model_out if uncond_out is None else uncond_out + cfg_scale * (model_out - uncond_out)
+
+
+def _alpha_bars(schedule: Schedule, t: torch.Tensor, t_prev: torch.Tensor, like: torch.Tensor):
+    """(ᾱ_t, ᾱ_{t_prev}) per row in float64, shaped to broadcast over ``like``; ᾱ_{-1} = 1."""
+    table = schedule.alphas_cumprod_on(like.device, torch.float64)
+    shape = (-1, *([1] * (like.dim() - 1)))
+    ab_t = table[t.long()]
+    ab_prev = torch.where(t_prev >= 0, table[t_prev.long().clamp(min=0)], torch.ones_like(ab_t))
+    return ab_t.reshape(shape), ab_prev.reshape(shape)
+
+
+def _reference_noise(noise, seed, like):
+    if noise is not None:
+        return noise.double()
+    if seed is None:
+        return torch.zeros_like(like, dtype=torch.float64)
+    return philox_normal_reference(seed, like.numel(), like.device).to(like.dtype).double().reshape(like.shape)
+
+
+def ddpm_step_reference(x_t, model_out, t, t_prev, schedule, *, prediction="eps", uncond_out=None,
+                        cfg_scale=1.0, seed=None, noise=None) -> torch.Tensor:
+    """DDPM posterior step in float64: mean = c0·x̂0 + ct·x_t, plus σ·z for t > 0 with the
+    "fixed_small" σ² = (1−ᾱ_prev)/(1−ᾱ_t)·β_t (clamped at 1e-20, as diffusers)."""
+    x = x_t.double()
+    m = _guided(model_out.double(), None if uncond_out is None else uncond_out.double(), cfg_scale)
+    x0 = predicted_x0(x, m, t, schedule, prediction)
+    ab_t, ab_prev = _alpha_bars(schedule, t, t_prev, x)
+    beta_t = 1 - ab_t / ab_prev
+    mean = (ab_prev.sqrt() * beta_t / (1 - ab_t)) * x0 + ((ab_t / ab_prev).sqrt() * (1 - ab_prev) / (1 - ab_t)) * x
+    variance = ((1 - ab_prev) / (1 - ab_t) * beta_t).clamp(min=1e-20)
+    sigma = torch.where((t > 0).reshape(ab_t.shape), variance.sqrt(), torch.zeros_like(variance))
+    return (mean + sigma * _reference_noise(noise, seed, x_t)).to(x_t.dtype)
+
+
+def ddim_step_reference(x_t, model_out, t, t_prev, schedule, *, prediction="eps", eta=0.0, uncond_out=None,
+                        cfg_scale=1.0, seed=None, noise=None) -> torch.Tensor:
+    """DDIM step in float64: sqrt(ᾱ_prev)·x̂0 + sqrt(1−ᾱ_prev−σ²)·ε̂ + σ·z with
+    σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev))."""
+    x = x_t.double()
+    m = _guided(model_out.double(), None if uncond_out is None else uncond_out.double(), cfg_scale)
+    x0 = predicted_x0(x, m, t, schedule, prediction)
+    eps = predicted_eps(x, m, t, schedule, prediction)
+    ab_t, ab_prev = _alpha_bars(schedule, t, t_prev, x)
+    sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
+    direction = (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt()
+    out = ab_prev.sqrt() * x0 + direction * eps
+    if eta > 0:
+        out = out + sigma * _reference_noise(noise, seed, x_t)
+    return out.to(x_t.dtype)
+
+
+def _fake_ddpm_step(x_t, model_out, uncond_out, t, t_prev, alphas_cumprod, prediction, cfg_scale, noise, seed):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
+def _fake_ddim_step(x_t, model_out, uncond_out, t, t_prev, alphas_cumprod, prediction, eta, cfg_scale, noise,
+                    seed):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
+_registered = False
+
+
+def _compiled():
+    global _registered
+    ops = _ext.ops()
+    if not _registered:
+        torch.library.register_fake("transfusion_fast::ddpm_step", _fake_ddpm_step)
+        torch.library.register_fake("transfusion_fast::ddim_step", _fake_ddim_step)
+        _registered = True
+    return ops
+
+
+def ddpm_step(x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+              schedule: Schedule, *, prediction: str = "eps", uncond_out: torch.Tensor | None = None,
+              cfg_scale: float = 1.0, seed: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDPM ancestral step per row from ``t`` to ``t_prev`` (``-1``: to x0); returns ``x_prev``.
+
+    ``model_out`` is the model's prediction (``prediction``: ``"eps"``, ``"x0"`` or ``"v"``); with
+    ``uncond_out`` it is guided first: ``uncond + cfg_scale·(model_out − uncond)``. The step noise is
+    ``noise`` if given, else Philox noise of ``seed`` (``None``: drawn from torch's generator); use a
+    different seed for every step.
+    """
+    check_step_inputs(x_t, model_out, t, t_prev, schedule, prediction, uncond_out, cfg_scale, seed, noise)
+    if noise is None:
+        seed = resolve_seed(seed)
+    if _backend.get_backend() == "reference":
+        return ddpm_step_reference(x_t, model_out, t, t_prev, schedule, prediction=prediction,
+                                   uncond_out=uncond_out, cfg_scale=cfg_scale, seed=seed, noise=noise)
+    table = schedule.alphas_cumprod_on(x_t.device, torch.float64)
+    return _compiled().ddpm_step(x_t, model_out, uncond_out, t, t_prev, table, _PREDICTION_CODES[prediction],
+                                 float(cfg_scale), noise, seed)
+
+
+def ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+              schedule: Schedule, *, prediction: str = "eps", eta: float = 0.0,
+              uncond_out: torch.Tensor | None = None, cfg_scale: float = 1.0, seed: int | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM step per row from ``t`` to ``t_prev`` (``-1``: to x0); returns ``x_prev``.
+
+    ``eta = 0`` is deterministic (no noise drawn); ``eta > 0`` adds ``σ·z`` with ``z`` = ``noise`` or
+    Philox noise of ``seed``. Guidance and prediction types as in :func:`ddpm_step`.
+    """
+    check_step_inputs(x_t, model_out, t, t_prev, schedule, prediction, uncond_out, cfg_scale, seed, noise, eta)
+    if eta == 0:
+        seed, noise = None, None
+    elif noise is None:
+        seed = resolve_seed(seed)
+    if _backend.get_backend() == "reference":
+        return ddim_step_reference(x_t, model_out, t, t_prev, schedule, prediction=prediction, eta=eta,
+                                   uncond_out=uncond_out, cfg_scale=cfg_scale, seed=seed, noise=noise)
+    table = schedule.alphas_cumprod_on(x_t.device, torch.float64)
+    return _compiled().ddim_step(x_t, model_out, uncond_out, t, t_prev, table, _PREDICTION_CODES[prediction],
+                                 float(eta), float(cfg_scale), noise, seed)
