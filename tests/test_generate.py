@@ -206,3 +206,30 @@ def test_bad_prompts():
         model.generate([[torch.tensor([1])], [torch.tensor([999])]], progress=False)
     with pytest.raises(ValueError, match=r"prompts\[0\]\[0\].*1 channels, got 3"):
         model.generate([[torch.randn(3, 4, 4)]], progress=False)
+
+
+def test_default_backend_generation_equals_reference():
+    """The decode layouts through the compiled CPU kernels give the reference's tokens and spans."""
+    model = tiny_model(span_positions="axial")
+    prompts = [[torch.tensor([1, 2, BOI])], [torch.tensor([3]), torch.randn(1, 2, 4), torch.tensor([4])]]
+    kwargs = dict(max_new_tokens=4, temperature=0.0, num_inference_steps=3, span_shape=(4, 4),
+                  stop_at_eos=False, progress=False)
+    expected = model.generate(prompts, **kwargs)
+    with tf.use_backend("auto"):
+        got = model.generate(prompts, **kwargs)
+    for items, ref_items in zip(got, expected):
+        assert len(items) == len(ref_items)
+        for x, ref in zip(items, ref_items):
+            if ref.dtype == torch.long:
+                assert torch.equal(x, ref)
+            else:
+                torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_stops_at_max_seq_len():
+    model = tiny_model(max_seq_len=12)
+    out = model.generate([[torch.tensor([1, 2, 3])], [torch.tensor([1, BOI])]], max_new_tokens=50,
+                         stop_at_eos=False, span_shape=(8, 8), num_inference_steps=2, progress=False)
+    # BOS + 3 prompt tokens + 8 sampled = 12 rows; an 8x8 image (16 patches) cannot fit after BOS 1 BOI.
+    assert out[0][0].numel() == 8
+    assert out[1] == []

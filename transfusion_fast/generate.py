@@ -308,7 +308,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
             for i, tok in zip(active, chosen.tolist()):
                 text[i].append(tok)
                 new_tokens[i] += 1
-                full = cache.lengths[docs[i]] + 1 > config.max_seq_len
+                full = cache.lengths[docs[i]] + 1 >= config.max_seq_len   # this token fills it
                 if (stop_at_eos and tok == config.eos_id) or full or (
                         new_tokens[i] >= max_new_tokens and tok not in boi_modality):
                     done[i] = True

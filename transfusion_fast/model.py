@@ -260,8 +260,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``, or with ``residual`` the fused ``(norm(x + residual), x + residual)``."""
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class Attention(nn.Module):
@@ -322,14 +323,16 @@ class Block(nn.Module):
                 kv_cache=None) -> torch.Tensor:
         # x (T, dim); cond (T, dim) timestep embedding (zero on text rows); span_rows (T, 1) float
         if self.adaln is None:
-            x = x + self.attention(self.attention_norm(x), positions, axial, layout, kv_cache)
-            return x + self.feed_forward(self.ffn_norm(x))
+            a = self.attention(self.attention_norm(x), positions, axial, layout, kv_cache)
+            h, x = self.ffn_norm(a, residual=x)                       # x ← x + a; h = norm(x)
+            return x + self.feed_forward(h)
         mod = self.adaln(F.silu(cond)) * span_rows                    # (T, 6·dim), zero on text
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
         text_rows = 1.0 - span_rows
         h = self.attention_norm(x) * (1 + scale_a) + shift_a
-        x = x + (gate_a + text_rows) * self.attention(h, positions, axial, layout, kv_cache)
-        h = self.ffn_norm(x) * (1 + scale_m) + shift_m
+        a = (gate_a + text_rows) * self.attention(h, positions, axial, layout, kv_cache)
+        h, x = self.ffn_norm(a, residual=x)
+        h = h * (1 + scale_m) + shift_m
         return x + (gate_m + text_rows) * self.feed_forward(h)
 
 
