@@ -48,6 +48,8 @@ def loss_and_grads(model, batch):
     (dict(modalities=(ModalityConfig("image", "video"),)), ["kind", "'video'"]),
     (dict(modalities=(ModalityConfig("image", max_size=7, patch_size=2),)), ["max_size (7)", "patch_size (2)"]),
     (dict(modalities=(IMAGE, IMAGE)), ["distinct"]),
+    (dict(modalities=(ModalityConfig("image", boi_id=256),)), ["BOI ids [256]", "bos_id=256"]),
+    (dict(modalities=(ModalityConfig("image", eoi_id=258),)), ["BOI ids [258]", "EOI ids [258]"]),
 ])
 def test_config_validation_names_field_and_values(overrides, words):
     with pytest.raises(ValueError) as info:

@@ -16,13 +16,23 @@ Public API (stable)::
     out["loss"].backward()
     gens = model.generate(prompts, max_new_tokens=32, seed=0)   # list (per prompt) of items:
                                                 # text LongTensors (with BOI/EOI/EOS ids) and spans
-    save_checkpoint(path, model, optimizer=opt, step=10); load_checkpoint(path, model, optimizer=opt)
+    # generate kwargs: temperature, top_k, top_p, seed, sampler ("ddim"|"ddpm"),
+    # num_inference_steps=250, cfg_scale=5.0, eta, span_shape, modality, progress, stop_at_eos.
+    # A prompt ending in BOI forces a span; a prompt holding an image is captioned.
+    save_checkpoint(path, model, optimizer=opt, step=10)
+    model, info = load_checkpoint(path)         # or load_checkpoint(path, model, opt) to resume
 
 * ``ModelConfig.to_dict()`` / ``ModelConfig.from_dict(d)``: JSON-safe round trip (used by checkpoints).
 * ``Batch`` (from :mod:`transfusion_fast.pack`): ``tokens``, ``positions``, ``axial``, ``layout``,
   ``targets`` (-100 = no loss), ``spans`` (per modality: ``SpanData`` with ``rows``, ``x0``, ``x_t``,
   ``noise``, ``timesteps``, ``span_index``), ``span_shapes``, ``num_spans``; ``batch.to(device)``.
-* ``Model.forward_hidden(...)`` is the backbone the generator reuses with a KV cache.
+* ``pack(..., seed, device, cfg_drop_prob, caption_noise_prob=0.8, caption_max_timestep=500,
+  timesteps=None)``: one document per sample (BOS … EOS, BOI/EOI around each span).
+* ``Model.embed`` / ``Model.forward_hidden`` / ``Model.decode_spans``: the pieces the generator
+  reuses with a KV cache.
+* Distributed: wrap in DDP, or ``fully_shard`` each of ``model.layers`` then the model (FSDP2).
+  Modality heads absent from a rank's batch join its loss with weight 0, so every rank uses
+  every parameter.
 
 Shapes: ``T`` packed tokens, ``N`` span rows (patches) of one modality, ``P`` = patch dimension.
 """
@@ -165,9 +175,16 @@ class ModelConfig:
         for name, v in specials.items():
             _require(isinstance(v, int) and 0 <= v < self.vocab_size,
                      f"ModelConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), got {v!r}")
-        markers = [v for k, v in specials.items() if k != "pad_id"]
-        _require(len(set(markers)) == len(markers) or self._shared_markers_ok(specials),
-                 f"ModelConfig special tokens BOS/EOS/BOI/EOI must be distinct ids, got {specials}")
+        core = (self.bos_id, self.eos_id, self.boi_id, self.eoi_id)
+        _require(len(set(core)) == 4, f"ModelConfig special tokens bos_id/eos_id/boi_id/eoi_id must be "
+                 f"distinct ids, got {core}")
+        bois = {m.boi_id if m.boi_id is not None else self.boi_id for m in self.modalities
+                if isinstance(m, ModalityConfig)}
+        eois = {m.eoi_id if m.eoi_id is not None else self.eoi_id for m in self.modalities
+                if isinstance(m, ModalityConfig)}
+        _require(not (bois & eois) and not ((bois | eois) & {self.bos_id, self.eos_id}),
+                 f"modality BOI ids {sorted(bois)} and EOI ids {sorted(eois)} must differ from each other "
+                 f"and from bos_id={self.bos_id} / eos_id={self.eos_id}")
         _require(self.norm_eps > 0, f"ModelConfig.norm_eps must be positive, got {self.norm_eps!r}")
         _require(self.rope_theta > 0, f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
         _require(self.span_positions in SPAN_POSITIONS,
@@ -201,15 +218,6 @@ class ModelConfig:
             _require(m.max_size % m.patch_size == 0,
                      f"modality {m.name!r}: max_size ({m.max_size}) must be a multiple of patch_size "
                      f"({m.patch_size})")
-
-    @staticmethod
-    def _shared_markers_ok(specials: dict) -> bool:
-        # Modalities may repeat the shared BOI/EOI ids explicitly; only BOS/EOS/BOI/EOI clashes matter.
-        core = [specials["bos_id"], specials["eos_id"], specials["boi_id"], specials["eoi_id"]]
-        if len(set(core)) != 4:
-            return False
-        text_markers = {specials["bos_id"], specials["eos_id"]}
-        return all(v not in text_markers for k, v in specials.items() if k.startswith("modalities["))
 
     # ------------------------------------------------------------------ derived
     @property
