@@ -22,7 +22,7 @@ import perf_summary
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LATEST = RESULTS_DIR / "latest.json"
-_PARTIAL = RESULTS_DIR / ".latest.json.partial"
+_PARTIAL = RESULTS_DIR / f".latest.json.{os.getpid()}.partial"   # one per run: runs may overlap
 _SAVED: dict = {}
 
 

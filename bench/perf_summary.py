@@ -229,8 +229,9 @@ def format_markdown(data: dict) -> str:
     head = run_header(data)
     state = ("GPU figures in this table come from " + head["device_name"] + "."
              if head["gpu_figures"] else
-             "**All figures are CPU measurements** (" + head["device_name"] + ", shared build "
-             "machine, no GPU). **No GPU figures exist yet**: the Triton kernels are not timed on CPU "
+             "**All figures are CPU measurements** (" + head["device_name"]
+             + (f", {head['cpu_count']} cores" if head["cpu_count"] else "") + ", no GPU). "
+             "**No GPU figures exist yet**: the Triton kernels are not timed on CPU "
              "(they only run under the interpreter there); on a CUDA machine the same command times "
              "them and reports TFLOP/s over visible elements and GB/s for memory-bound ops.")
     lines = [
