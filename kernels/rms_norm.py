@@ -12,6 +12,10 @@ The weight gradient ``Σ_rows dy · ĥ`` is reduced deterministically: each prog
 rows in float32 registers and writes one partial row to a ``(programs, N)`` buffer, which is summed
 by ``torch.sum`` afterwards. No atomics, so the result is bit-identical run to run on a device.
 
+DRAM traffic per element (s = element size): forward reads x and writes y, ``2s`` (``4s`` with the
+residual: + residual read, h write); backward reads dy and h and writes dx, ``3s`` (``4s`` with the
+gradient of h). The per-row rstd and the ``(programs, N)`` partials are O(rows + N).
+
 The whole row lives in registers (one block of ``next_power_of_2(N)`` columns), which covers the
 hidden sizes of the models this package targets; wider rows are refused with a clear error.
 """
@@ -82,8 +86,8 @@ def _rms_norm_bwd_kernel(DY, DH_OUT, H, W, RSTD, DX, DW_PARTIAL, stride_dy, stri
 def _block_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for a row of ``n_cols``: the whole row in one block."""
     if n_cols > MAX_HIDDEN:
-        raise ValueError(f"rms_norm (triton): the last dimension must be at most {MAX_HIDDEN} "
-                         f"(a row is kept in registers), got {n_cols}")
+        raise ValueError(f"rms_norm (triton): the last dimension of x must be at most {MAX_HIDDEN}, got "
+                         f"{n_cols} (a row is kept in registers); use backend 'reference' for wider rows")
     block = triton.next_power_of_2(n_cols)
     return block, (4 if block <= 1024 else 8 if block <= 4096 else 16)
 

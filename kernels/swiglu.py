@@ -5,6 +5,9 @@ backward recomputes ``sigmoid(gate)`` from the saved inputs instead of saving ``
 
     dgate = dout · up · s · (1 + gate · (1 − s)),   dup = dout · gate · s,   s = sigmoid(gate)
 
+DRAM traffic per output element (s = element size): forward reads gate and up and writes the output,
+``3s``; backward reads dout, gate and up and writes dgate and dup, ``5s``.
+
 The fused form takes the ``[gate | up]`` projection output ``(rows, 2F)`` directly: gate and up are
 the two column halves of the same rows (a row stride of 2F), so the same kernels serve both forms
 and the backward writes ``d[gate | up]`` into one ``(rows, 2F)`` tensor without a concatenation.
