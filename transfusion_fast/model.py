@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .layout import Layout
+from .ops.attention import SUPPORTED_HEAD_DIMS
 from .schedules import SCHEDULES, get_schedule
 
 __all__ = ["ModalityConfig", "ModelConfig", "Model", "Block", "Attention", "FeedForward",
@@ -161,8 +162,9 @@ class ModelConfig:
         _require(self.n_heads % self.n_kv_heads == 0,
                  f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                  f"({self.n_kv_heads}) for grouped-query attention")
-        _require(self.head_dim in _supported_head_dims(),
-                 f"ModelConfig.head_dim must be one of {_supported_head_dims()}, got {self.head_dim}")
+        _require(self.head_dim in SUPPORTED_HEAD_DIMS,
+                 f"ModelConfig.head_dim must be one of {SUPPORTED_HEAD_DIMS} (the attention kernels'), "
+                 f"got {self.head_dim}")
         _require(self.time_freq_dim % 2 == 0,
                  f"ModelConfig.time_freq_dim must be even, got {self.time_freq_dim}")
         specials = {"bos_id": self.bos_id, "eos_id": self.eos_id, "boi_id": self.boi_id,
@@ -254,11 +256,6 @@ class ModelConfig:
         if "modalities" in d:
             d["modalities"] = tuple(ModalityConfig(**m) if isinstance(m, dict) else m for m in d["modalities"])
         return cls(**d)
-
-
-def _supported_head_dims() -> tuple:
-    from .ops.attention import SUPPORTED_HEAD_DIMS
-    return SUPPORTED_HEAD_DIMS
 
 
 # ------------------------------------------------------------------------------------- modules

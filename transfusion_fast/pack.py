@@ -15,6 +15,7 @@ import torch
 from . import ops
 from .layout import Layout
 from .model import IGNORE_INDEX, ModalityConfig, ModelConfig
+from .schedules import get_schedule
 
 __all__ = ["Batch", "SpanData", "pack", "prepare_sample", "to_patches", "from_patches",
            "span_positions", "PreparedSample"]
@@ -323,7 +324,7 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
         d["t"].append(torch.full((n,), t, dtype=torch.int64))
         d["idx"].append(torch.full((n,), k, dtype=torch.int64))
 
-    schedule = get_schedule_of(config)
+    schedule = get_schedule(config.schedule, config.diffusion_steps)
     spans = {}
     for name, d in per_mod.items():
         x0, noise, t = torch.cat(d["x0"]), torch.cat(d["noise"]), torch.cat(d["t"])
@@ -356,7 +357,3 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
                   torch.tensor(span_t, dtype=torch.int64), span_shapes, lengths)
     return batch if device is None or torch.device(device).type == "cpu" else batch.to(device)
 
-
-def get_schedule_of(config: ModelConfig):
-    from .schedules import get_schedule
-    return get_schedule(config.schedule, config.diffusion_steps)
