@@ -356,4 +356,3 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
                   spans, torch.tensor(span_sizes, dtype=torch.float32),
                   torch.tensor(span_t, dtype=torch.int64), span_shapes, lengths)
     return batch if device is None or torch.device(device).type == "cpu" else batch.to(device)
-
