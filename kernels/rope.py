@@ -111,8 +111,8 @@ def _launch(q, k, q_out, k_out, positions, axial, inv_freq, interleaved: bool, i
         return
     block_p, block_h = block_config(head_dim, max(q.shape[1], k.shape[1]))
     is_axial = axial is not None
-    # bool and uint8 share a byte layout: a free reinterpretation the kernel loads as u8.
-    axial_bytes = axial.view(torch.uint8) if is_axial else positions
+    # bool and uint8 share a byte layout: a free reinterpretation the kernel loads as u8 (unit stride).
+    axial_bytes = axial.contiguous().view(torch.uint8) if is_axial else positions
     stride_axis = positions.stride(1) if is_axial else 0
     _rope_kernel[(num_tokens,)](
         q, k, q_out, k_out, positions, axial_bytes, inv_freq,

@@ -65,7 +65,7 @@ def _swiglu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, stride_dout, stride_gate, str
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``(rows, cols)`` with unit column stride: a view whenever the strides allow it."""
-    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t   # callers skip empty tensors
     return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
 
@@ -75,22 +75,21 @@ def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
 
 def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
     """``out = silu(gate) · up`` on 2-D row views with unit column stride."""
-    if out.numel():
-        _swiglu_fwd_kernel[_grid(*out.shape)](gate, up, out, gate.stride(0), up.stride(0), out.stride(0),
-                                              out.shape[1], BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    _swiglu_fwd_kernel[_grid(*out.shape)](gate, up, out, gate.stride(0), up.stride(0), out.stride(0),
+                                          out.shape[1], BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
 
 
 def _launch_backward(dout, gate, up, dgate, dup) -> None:
-    if dgate.numel():
-        _swiglu_bwd_kernel[_grid(*dgate.shape)](dout, gate, up, dgate, dup, dout.stride(0), gate.stride(0),
-                                                up.stride(0), dgate.stride(0), dup.stride(0), dgate.shape[1],
-                                                BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    _swiglu_bwd_kernel[_grid(*dgate.shape)](dout, gate, up, dgate, dup, dout.stride(0), gate.stride(0),
+                                            up.stride(0), dgate.stride(0), dup.stride(0), dgate.shape[1],
+                                            BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
 
 
 @torch.library.custom_op("transfusion_fast::swiglu", mutates_args=())
 def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _launch_forward(_rows(gate), _rows(up), out.view(-1, gate.shape[-1]))
+    if out.numel():
+        _launch_forward(_rows(gate), _rows(up), out.view(-1, gate.shape[-1]))
     return out
 
 
@@ -100,26 +99,28 @@ def _swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor,
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     width = gate.shape[-1]
-    _launch_backward(_rows(dout), _rows(gate), _rows(up), dgate.view(-1, width), dup.view(-1, width))
+    if dgate.numel():
+        _launch_backward(_rows(dout), _rows(gate), _rows(up), dgate.view(-1, width), dup.view(-1, width))
     return dgate, dup
 
 
 @torch.library.custom_op("transfusion_fast::swiglu_fused", mutates_args=())
 def _swiglu_fused_op(gate_up: torch.Tensor) -> torch.Tensor:
     width = gate_up.shape[-1] // 2
-    rows = _rows(gate_up)
     out = torch.empty((*gate_up.shape[:-1], width), dtype=gate_up.dtype, device=gate_up.device)
-    _launch_forward(rows[:, :width], rows[:, width:], out.view(-1, width))
+    if out.numel():
+        rows = _rows(gate_up)
+        _launch_forward(rows[:, :width], rows[:, width:], out.view(-1, width))
     return out
 
 
 @torch.library.custom_op("transfusion_fast::swiglu_fused_backward", mutates_args=())
 def _swiglu_fused_backward_op(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     width = gate_up.shape[-1] // 2
-    rows = _rows(gate_up)
     dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-    drows = dgate_up.view(-1, 2 * width)
-    _launch_backward(_rows(dout), rows[:, :width], rows[:, width:], drows[:, :width], drows[:, width:])
+    if dgate_up.numel():
+        rows, drows = _rows(gate_up), dgate_up.view(-1, 2 * width)
+        _launch_backward(_rows(dout), rows[:, :width], rows[:, width:], drows[:, :width], drows[:, width:])
     return dgate_up
 
 

@@ -91,6 +91,16 @@ def test_kernel_non_contiguous_inputs(triton_device):
     _run_and_compare(x3, weight, None, torch.float32)
 
 
+def test_kernel_no_rows(triton_device):
+    x = torch.empty(0, 16, device=triton_device, requires_grad=True)
+    weight = torch.ones(16, device=triton_device, requires_grad=True)
+    with transfusion_fast.use_backend("triton"):
+        y = rms_norm(x, weight)
+    dx, dweight = torch.autograd.grad(y.sum(), (x, weight))
+    assert y.shape == (0, 16) and dx.shape == (0, 16)
+    assert torch.equal(dweight, torch.zeros_like(weight))
+
+
 def test_weight_gradient_is_deterministic(triton_device):
     x = _random((150, 24), torch.float32, triton_device).requires_grad_(True)
     weight = _random(24, torch.float32, triton_device, seed=1).requires_grad_(True)

@@ -135,6 +135,24 @@ def test_kernel_2d_axial(triton_device, dtype, interleaved):
                              interleaved, dtype)
 
 
+def test_kernel_2d_axial_strided_positions_and_mask(triton_device):
+    """Column-major positions (strides (1, T)) and the axial mask as a column of a wider bool tensor."""
+    positions, axial = _axial_example([("image", 2, 3), ("text", 2)])
+    column_major = positions.t().contiguous().t()
+    mask_table = torch.stack([~axial, axial, ~axial], dim=1)
+    assert column_major.stride() == (1, positions.shape[0]) and not mask_table[:, 1].is_contiguous()
+    q, k = _random_qk(positions.shape[0], 2, 1, 8, torch.float32, triton_device)
+    _check_against_reference(q, k, column_major.to(triton_device), mask_table.to(triton_device)[:, 1], 10000.0,
+                             False, torch.float32)
+
+
+def test_kernel_no_tokens(triton_device):
+    q, k = _random_qk(0, 2, 1, 8, torch.float32, triton_device)
+    with transfusion_fast.use_backend("triton"):
+        q_rot, k_rot = apply_rope(q, k, torch.zeros(0, dtype=torch.int64, device=triton_device))
+    assert q_rot.shape == (0, 2, 8) and k_rot.shape == (0, 1, 8)
+
+
 def test_kernel_many_tokens_int32_positions(triton_device):
     positions = _positions_of_documents([80, 1, 79]).to(device=triton_device, dtype=torch.int32)
     q, k = _random_qk(160, 2, 1, 8, torch.float32, triton_device)

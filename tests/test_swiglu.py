@@ -87,6 +87,17 @@ def test_kernel_non_contiguous_inputs(triton_device):
     _check_grads(out, (gate_up,), expected, torch.float32)
 
 
+def test_kernel_empty_inputs(triton_device):
+    gate = torch.empty(0, 5, device=triton_device, requires_grad=True)
+    up = torch.empty(0, 5, device=triton_device, requires_grad=True)
+    gate_up = torch.empty(2, 0, device=triton_device, requires_grad=True)
+    with transfusion_fast.use_backend("triton"):
+        out, fused_out = swiglu(gate, up), swiglu_fused(gate_up)
+    assert out.shape == (0, 5) and fused_out.shape == (2, 0)
+    assert torch.autograd.grad(out.sum(), gate)[0].shape == (0, 5)
+    assert torch.autograd.grad(fused_out.sum(), gate_up)[0].shape == (2, 0)
+
+
 def _saved_bytes(fn, *inputs):
     """(all bytes autograd saves for the backward, bytes of it that are not the inputs' storage)."""
     saved = {}
