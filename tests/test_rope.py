@@ -220,6 +220,10 @@ def test_cpu_backend_is_the_reference_composition():
         got = apply_rope(q, k, positions, 300.0, interleaved=True)
     want = apply_rope_reference(q, k, positions, 300.0, None, True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with transfusion_fast.use_backend("auto"):
+        q_out, k_out = apply_rope(q, k, positions, 300.0, interleaved=True, inplace=True)
+    assert q_out is q and k_out is k
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
 
 
 @pytest.mark.parametrize("make_args, message", [
