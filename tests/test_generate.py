@@ -233,3 +233,13 @@ def test_generation_stops_at_max_seq_len():
     # BOS + 3 prompt tokens + 8 sampled = 12 rows; an 8x8 image (16 patches) cannot fit after BOS 1 BOI.
     assert out[0][0].numel() == 8
     assert out[1] == []
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_every_prediction_type_generates(prediction):
+    model = tiny_model(prediction=prediction, conditioning="adaln_zero")
+    out = model.generate([[torch.tensor([1, BOI])], [torch.tensor([2, BOI])]], max_new_tokens=0,
+                         num_inference_steps=3, span_shape=(4, 4), progress=False, sampler="ddpm")
+    assert [len(o) for o in out] == [1, 1]
+    assert all(o[0].shape == (1, 4, 4) and torch.isfinite(o[0]).all() for o in out)
+    assert not torch.equal(out[0][0], out[1][0])

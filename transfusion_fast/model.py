@@ -468,9 +468,9 @@ class Model(nn.Module):
             target = ops.diffusion_target(s.x0.float(), s.noise.float(), s.timesteps, self.schedule,
                                           self.config.prediction)
             per_patch = (pred - target).pow(2).mean(-1)                # (N,)
-            span_sq = span_sq.index_add(0, s.span_index, per_patch / batch.span_sizes[s.span_index])
-            own = torch.unique(s.span_index)
-            out[f"diffusion_loss/{name}"] = span_sq[own].mean()
+            weight = 1.0 / batch.span_sizes[s.span_index]             # (N,): each span sums to 1
+            span_sq = span_sq.index_add(0, s.span_index, per_patch * weight)
+            out[f"diffusion_loss/{name}"] = (per_patch * weight).sum() / weight.sum()
         diffusion_loss = span_sq.mean() if batch.num_spans else h.new_zeros((), dtype=torch.float32)
         # Heads of modalities absent from the batch join with weight 0: DDP and FSDP then see
         # every parameter used on every rank, whatever each rank's batch holds.
