@@ -240,6 +240,6 @@ def test_every_prediction_type_generates(prediction):
     model = tiny_model(prediction=prediction, conditioning="adaln_zero")
     out = model.generate([[torch.tensor([1, BOI])], [torch.tensor([2, BOI])]], max_new_tokens=0,
                          num_inference_steps=3, span_shape=(4, 4), progress=False, sampler="ddpm")
-    assert [len(o) for o in out] == [1, 1]
+    assert [o[1].tolist() for o in out] == [[EOI], [EOI]]
     assert all(o[0].shape == (1, 4, 4) and torch.isfinite(o[0]).all() for o in out)
     assert not torch.equal(out[0][0], out[1][0])
