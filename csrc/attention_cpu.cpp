@@ -87,17 +87,23 @@ void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int6
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One binary for every x86 machine: the hot elementwise loops get an AVX-512 and an AVX2 clone,
 // picked at load time (the extension itself is built for the baseline ISA).
-#define TF_MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define TF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TF_MULTIVERSION
 #endif
 #define TF_INLINE inline __attribute__((always_inline))
 
+// std::max / std::clamp are not inlined into the target clones (different target options), which
+// would keep the loops scalar: the hot code uses these instead.
+template <typename T>
+TF_INLINE T max_of(T a, T b) { return a > b ? a : b; }
+TF_INLINE int64_t clamp_to(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
 // exp(x) for x <= ~0 (softmax arguments): 2^n * 2^f with n = round(x*log2(e)), |f| <= 1/2 and a
 // degree-7 Taylor polynomial of 2^f (relative error < 1e-8, below fp32 rounding). Written without
 // branches so that the loops calling it vectorize; exp(-inf) and underflow give exactly 0.
 TF_INLINE float exp_approx(float x) {
-  const float t = std::max(x * 1.44269504088896341f, -126.0f);
+  const float t = max_of(x * 1.44269504088896341f, -126.0f);
   // Adding 1.5 * 2^23 rounds to the nearest integer in the default rounding mode (|t| < 2^22).
   const float n = (t + 12582912.0f) - 12582912.0f;
   const float f = t - n;
@@ -125,8 +131,8 @@ TF_INLINE void visible_cols(const int32_t* kv_start, const int32_t* kv_end, int6
     hi = cols;
     return;
   }
-  lo = std::clamp<int64_t>(kv_start[row] - col0, 0, cols);
-  hi = std::clamp<int64_t>(kv_end[row] - col0, lo, cols);
+  lo = clamp_to(kv_start[row] - col0, 0, cols);
+  hi = clamp_to(kv_end[row] - col0, lo, cols);
 }
 
 // Online softmax over one tile of scores: S (rows x cols, row stride ld) becomes P = exp(S - m_new)
@@ -143,11 +149,11 @@ TF_INLINE void softmax_tile_forward(T* S, int64_t ld, int64_t rows, int64_t cols
     visible_cols(kv_start, kv_end, i, col0, cols, lo, hi);
     T mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-    for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, s[j]);
+    for (int64_t j = lo; j < hi; ++j) mx = max_of(mx, s[j]);
     for (int64_t j = 0; j < lo; ++j) s[j] = T(0);
     for (int64_t j = hi; j < cols; ++j) s[j] = T(0);
     const T m_old = row_max[i];
-    const T m_new = std::max(m_old, mx);
+    const T m_new = max_of(m_old, mx);
     if (m_new == kNegInf) {  // nothing visible in this row yet
 #pragma omp simd
       for (int64_t j = lo; j < hi; ++j) s[j] = T(0);

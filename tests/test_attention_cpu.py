@@ -1,0 +1,292 @@
+"""The compiled block-sparse CPU attention (csrc/attention_cpu.cpp, ops/_cpu_attention.py).
+
+Checked against the reference path and the dense-mask SDPA oracle, forward, LSE and gradients, on
+the hypothesis layouts of tests/strategies.py, with small tiles so that every run mixes skipped,
+full and partial tiles (and ragged last tiles). Tolerances (atol, rtol):
+
+* fp32: outputs/LSE ``testing.TOLERANCES`` (2e-5): only the summation order differs (online
+  softmax over tiles, BLAS blocking). Gradients 1e-4: each is a sum over up to ~160 keys or rows of
+  products of O(1) terms, and P is recomputed from the LSE, so a few more rounding steps stack up.
+* bf16 / fp16: inputs are converted to fp32 once and everything accumulates in fp32, so the only
+  error beyond fp32 is the final rounding of o / dq / dk / dv to 8 (bf16) or 11 (fp16) bits; the
+  reference runs in fp32 on the same (rounded) inputs: ``TOLERANCES`` of the dtype, atol scaled by
+  the magnitude of the tensor.
+* fp64: runs in fp64 end to end: 1e-10.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transfusion_fast import Layout, _ext, backend, ops
+from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS, attention_reference
+from transfusion_fast.ops._cpu_attention import CPU_BLOCK_M, CPU_BLOCK_N, cpu_attention
+from transfusion_fast.testing import (TOLERANCES, dense_attention_oracle, packed_documents_example,
+                                      random_qkv, transfusion_example)
+
+from strategies import layouts
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason="needs the compiled extension")
+
+GRAD_TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-4, 1e-4),
+            torch.float16: TOLERANCES[torch.float16], torch.bfloat16: TOLERANCES[torch.bfloat16]}
+BLOCKS = st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 32), (64, 64), (CPU_BLOCK_M, CPU_BLOCK_N)])
+
+
+def _assert_close(actual, expected, tol, what):
+    atol, rtol = tol
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _reference_with_grads(q, k, v, layout, scale, grad_o, grad_lse):
+    """Reference path in the compute dtype (fp32, fp64 for fp64) on the same input values."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qr, kr, vr = (t.detach().to(compute).requires_grad_(True) for t in (q, k, v))
+    o, lse = attention_reference(qr, kr, vr, layout, scale, return_lse=True)
+    loss = (o * grad_o.to(compute)).sum() + (lse.to(compute) * grad_lse.to(compute)).sum()
+    return (o.detach(), lse.detach(), *torch.autograd.grad(loss, (qr, kr, vr)))
+
+
+def _check_against_reference(layout, hq, hkv, d, dtype, block=(CPU_BLOCK_M, CPU_BLOCK_N), seed=0,
+                             qkv=None):
+    scale = 1.0 / math.sqrt(d)
+    if qkv is None:
+        q, k, v = random_qkv(layout.num_queries, layout.num_keys, hq, hkv, d, dtype=dtype, seed=seed,
+                             requires_grad=True)
+        leaves = (q, k, v)
+    else:
+        (q, k, v), leaves = qkv
+    o, lse = cpu_attention(q, k, v, layout, scale, *block)
+    assert o.dtype == dtype and o.shape == q.shape and lse.dtype == torch.float32
+    assert lse.shape == (q.shape[1], q.shape[0])
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_o = torch.randn(o.shape, generator=g).to(dtype)
+    grad_lse = torch.randn(lse.shape, generator=g)
+    grads = torch.autograd.grad((o.float() * grad_o.float()).sum() + (lse * grad_lse).sum(), (q, k, v))
+    ref_o, ref_lse, *ref_grads = _reference_with_grads(q, k, v, layout, scale, grad_o, grad_lse)
+    _assert_close(o, ref_o, TOLERANCES[dtype], "o")
+    _assert_close(lse, ref_lse, TOLERANCES[torch.float32 if dtype != torch.float64 else dtype], "lse")
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        _assert_close(got, want, GRAD_TOL[dtype], name)
+    return leaves
+
+
+# ------------------------------------------------------------------------------ reference path
+@settings(max_examples=30)
+@given(layout=layouts(), group=st.sampled_from([1, 2, 4]), hkv=st.sampled_from([1, 2]),
+       d=st.sampled_from(SUPPORTED_HEAD_DIMS), block=BLOCKS, seed=st.integers(0, 2**16))
+def test_matches_reference_fp32(layout, group, hkv, d, block, seed):
+    _check_against_reference(layout[0], hkv * group, hkv, d, torch.float32, block, seed)
+
+
+@settings(max_examples=15)
+@given(layout=layouts(), group=st.sampled_from([1, 2, 4]), d=st.sampled_from((32, 64, 128)),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float64]), block=BLOCKS,
+       seed=st.integers(0, 2**16))
+def test_matches_reference_other_dtypes(layout, group, d, dtype, block, seed):
+    _check_against_reference(layout[0], 2 * group, 2, d, dtype, block, seed)
+
+
+@pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_head_dim_on_a_transfusion_layout(d, dtype):
+    # 3 images of 37 patches between 20 text tokens: spans straddle 32-row tile edges.
+    _check_against_reference(transfusion_example(3, 37, 20), 4, 2, d, dtype, (32, 32))
+
+
+@pytest.mark.parametrize("kind", ["single_token_docs", "span_at_doc_edges", "decode"])
+def test_edge_layouts(kind):
+    if kind == "single_token_docs":
+        layout = Layout.causal(torch.tensor([0, 1, 2, 3, 40, 41, 80]))
+    elif kind == "span_at_doc_edges":
+        layout = Layout.transfusion(torch.tensor([0, 33, 70, 71]), torch.tensor([[0, 17], [50, 70], [70, 71]]))
+    else:
+        layout = Layout.decode(torch.tensor([0, 50, 51, 120]), torch.tensor([3, 1, 17]),
+                               torch.tensor([[10, 20], [110, 120]]))
+    _check_against_reference(layout, 4, 1, 64, torch.float32, (16, 16))
+
+
+# ------------------------------------------------------------------------------ dense oracle
+@settings(max_examples=15)
+@given(layout=layouts(), group=st.sampled_from([1, 2, 4]), block=BLOCKS, seed=st.integers(0, 2**16))
+def test_matches_dense_sdpa_oracle(layout, group, block, seed):
+    layout = layout[0]
+    q, k, v = random_qkv(layout.num_queries, layout.num_keys, 2 * group, 2, 32, seed=seed,
+                         requires_grad=True)
+    o, _ = cpu_attention(q, k, v, layout, 0.3, *block)
+    grad_o = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), grad_o)
+    want = dense_attention_oracle(q, k, v, layout, 0.3)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_o)
+    _assert_close(o, want, TOLERANCES[torch.float32], "o vs dense oracle")
+    for name, got, exp in zip(("dq", "dk", "dv"), grads, want_grads):
+        _assert_close(got, exp, GRAD_TOL[torch.float32], f"{name} vs dense oracle")
+
+
+# ------------------------------------------------------------------------------ strides, dispatch
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
+def test_strided_views_of_a_fused_qkv_tensor(hq, hkv):
+    layout = transfusion_example(2, 29, 23)
+    t = layout.num_keys
+    fused = torch.randn(t, hq + 2 * hkv, 64, requires_grad=True)   # one projection output
+    q, k, v = fused[:, :hq], fused[:, hq:hq + hkv], fused[:, hq + hkv:]
+    assert not q.is_contiguous() and q.stride(0) == (hq + 2 * hkv) * 64
+    _check_against_reference(layout, hq, hkv, 64, torch.float32, (32, 32), qkv=((q, k, v), (fused,)))
+    # heads-major storage (H, T, D) viewed as (T, H, D): token stride D
+    heads_major = torch.randn(hq, t, 64).transpose(0, 1).requires_grad_(True)
+    kv = torch.randn(2, hkv, t, 64).transpose(1, 2)
+    _check_against_reference(layout, hq, hkv, 64, torch.float32, (32, 32),
+                             qkv=((heads_major, kv[0].requires_grad_(True), kv[1].requires_grad_(True)),
+                                  (heads_major,)))
+
+
+def test_auto_backend_on_cpu_runs_this_kernel():
+    layout = transfusion_example(2, 40, 30)
+    q, k, v = random_qkv(layout.num_queries, layout.num_keys, 4, 2, 64)
+    with backend.use_backend("auto"):
+        assert backend.resolve(q, "attention") == "cpu"
+        o, lse = ops.attention(q, k, v, layout, return_lse=True)
+    direct_o, direct_lse = cpu_attention(q, k, v, layout, 1 / 8)
+    assert torch.equal(o, direct_o) and torch.equal(lse, direct_lse)
+
+
+def test_backward_is_deterministic_for_a_thread_count():
+    # MQA (one kv head) on up to 3 threads: the key tiles are split into chunks whose dQ partial sums
+    # are added in a fixed order, so a rerun gives the same bits. The chunking follows the thread
+    # count, so different thread counts agree to rounding only.
+    layout = packed_documents_example(700, 5)
+    q, k, v = random_qkv(700, 700, 4, 1, 64, requires_grad=True)
+    previous = torch.get_num_threads()
+    by_threads = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs = []
+            for _ in range(2):
+                o, _ = cpu_attention(q, k, v, layout, 0.125)
+                runs.append((o, *torch.autograd.grad(o.square().sum(), (q, k, v))))
+            for a, b in zip(*runs):
+                assert torch.equal(a, b), f"two runs on {threads} threads differ"
+            by_threads[threads] = runs[0]
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        for a, b in zip(by_threads[1], by_threads[threads]):
+            _assert_close(a, b, GRAD_TOL[torch.float32], f"{threads} threads vs 1")
+
+
+# ------------------------------------------------------------------------------ tile tables
+def _fwd_with_tables(q, k, v, mask_layout, table, scale):
+    return _ext.ops().attention_cpu_fwd(q, k, v, mask_layout.kv_start, mask_layout.kv_end, table.kv_lo,
+                                        table.kv_hi, table.kv_full_lo, table.kv_full_hi, table.block_m,
+                                        table.block_n, scale)[0]
+
+
+def test_kernel_walks_only_the_tiles_of_the_table():
+    t, b = 128, 32
+    cu = torch.tensor([0, t])
+    q, k, v = random_qkv(t, t, 2, 2, 32)
+    # The rows' intervals say "see everything", the table says "causal tiles": the skipped tiles
+    # above the diagonal must not be read, so every row sees exactly the keys up to its tile's end.
+    got = _fwd_with_tables(q, k, v, Layout.bidirectional(cu), Layout.causal(cu).tile_table(b, b), 0.2)
+    rows = torch.arange(t)
+    block_causal = rows[None, :] < (rows[:, None] // b + 1) * b
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                          attn_mask=block_causal, scale=0.2).transpose(0, 1)
+    _assert_close(got, want, TOLERANCES[torch.float32], "block-causal walk")
+
+
+def test_full_tiles_apply_no_mask():
+    t, b = 128, 32
+    cu = torch.tensor([0, t])
+    q, k, v = random_qkv(t, t, 2, 2, 32)
+    # Causal row intervals with an all-full table: a full tile must not look at the mask, so the
+    # result is bidirectional attention.
+    got = _fwd_with_tables(q, k, v, Layout.causal(cu), Layout.bidirectional(cu).tile_table(b, b), 0.2)
+    want = attention_reference(q, k, v, Layout.bidirectional(cu), 0.2)
+    _assert_close(got, want, TOLERANCES[torch.float32], "full tiles")
+
+
+# ------------------------------------------------------------------------------ memory
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from transfusion_fast.testing import transfusion_example
+    from transfusion_fast.ops._cpu_attention import cpu_attention
+    torch.manual_seed(0)
+    layout = transfusion_example(4, 256, 128, num_sequences=20)   # 20 documents, 33,280 tokens
+    t, h, d = layout.num_keys, 2, 64
+    q, k, v = (torch.randn(t, h, d, requires_grad=True) for _ in range(3))
+    grad_o = torch.randn(t, h, d)
+    layout.tile_table(64, 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    o, lse = cpu_attention(q, k, v, layout, 0.125)
+    o.backward(grad_o)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    print(t, h, d, after - before)
+""")
+
+
+def test_peak_memory_is_linear_in_tokens():
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    t, h, d, growth = map(int, out.stdout.split())
+    assert t > 32_000
+    per_tensor = t * h * d * 4          # one fp32 (T, H, D) tensor: 17 MB here
+    # o, lse, dq (+ its buffer), dk, dv, delta, dO*O temporaries, the autograd saves: about a dozen
+    # (T, H, D)-sized tensors. A single fp32 T x T score matrix would be 4.4 GB, 260x this bound.
+    bound = 16 * per_tensor
+    assert growth < bound, f"peak RSS grew by {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------ bad input, compile
+def test_bad_input_is_rejected_before_the_kernel():
+    layout = transfusion_example(1, 20, 10)
+    q, k, v = random_qkv(layout.num_queries, layout.num_keys, 2, 2, 32)
+    with pytest.raises(ValueError, match=r"q must have one of the dtypes .* got torch.int32"):
+        cpu_attention(q.int(), k.int(), v.int(), layout, 0.1)
+    with pytest.raises(ValueError, match="block_m must be a positive int, got 0"):
+        cpu_attention(q, k, v, layout, 0.1, 0, 32)
+    table = layout.tile_table(16, 16)
+    with pytest.raises(RuntimeError, match=r"kv_lo must be a contiguous int32 vector of 3 entries"):
+        _ext.ops().attention_cpu_fwd(q, k, v, layout.kv_start, layout.kv_end, table.kv_lo[:2], table.kv_hi,
+                                     table.kv_full_lo, table.kv_full_hi, 16, 16, 0.1)
+    with pytest.raises(RuntimeError, match=r"kv_start must be a contiguous int32 vector of 40 entries"):
+        _ext.ops().attention_cpu_fwd(q, k, v, layout.kv_start.long(), layout.kv_end, table.kv_lo,
+                                     table.kv_hi, table.kv_full_lo, table.kv_full_hi, 16, 16, 0.1)
+    with pytest.raises(ValueError, match="head_dim must be one of"):   # the front validates first
+        ops.attention(q[..., :24], k[..., :24], v[..., :24], layout)
+
+
+def test_torch_compile_fullgraph_through_ops_attention():
+    layout = transfusion_example(2, 24, 16)
+    q, k, v = random_qkv(layout.num_queries, layout.num_keys, 4, 2, 32, requires_grad=True)
+
+    def loss_fn(q, k, v):
+        o, lse = ops.attention(q, k, v, layout, return_lse=True)
+        return o.square().sum() + lse.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    with backend.use_backend("auto"):
+        got = compiled(q, k, v)
+        got_grads = torch.autograd.grad(got, (q, k, v))
+        want = loss_fn(q, k, v)
+        want_grads = torch.autograd.grad(want, (q, k, v))
+    _assert_close(got, want, TOLERANCES[torch.float32], "compiled loss")
+    for got_g, want_g in zip(got_grads, want_grads):
+        _assert_close(got_g, want_g, GRAD_TOL[torch.float32], "compiled grads")
