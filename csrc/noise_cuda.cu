@@ -16,11 +16,11 @@ namespace transfusion_fast {
 void check_q_sample_args(const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
                          const at::Tensor& sqrt_1m_ab);
 
-namespace {
+// Kernels stay outside anonymous namespaces: nvcc's host stubs for templated kernels fail there.
 
 constexpr int kThreads = 256;
 
-int64_t grid_for(int64_t work) {
+static int64_t grid_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 65535 * 8));
 }
 
@@ -53,7 +53,7 @@ __global__ void q_sample_kernel(const scalar_t* __restrict__ x0, const int64_t* 
   }
 }
 
-void launch_q_sample(const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
+static void launch_q_sample(const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
                      const at::Tensor& sqrt_1m_ab, const at::Tensor* noise_in, const at::Tensor* noise_out,
                      const at::Tensor& x_t, uint64_t seed) {
   const int64_t numel = x0.numel();
@@ -87,8 +87,6 @@ __global__ void philox_kernel(const int64_t* counters, const int64_t* keys, int6
   philox4x32_10(block, static_cast<uint32_t>(keys[2 * i]), static_cast<uint32_t>(keys[2 * i + 1]));
   for (int j = 0; j < 4; ++j) out[4 * i + j] = block[j];
 }
-
-}  // namespace
 
 at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
                          const at::Tensor& sqrt_1m_ab, const at::Tensor& noise_in) {

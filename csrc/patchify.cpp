@@ -1,8 +1,14 @@
-// patchify / unpatchify: schema, CPU kernels (at::parallel_for over patch rows).
-#include <ATen/Dispatch.h>
+// patchify / unpatchify (batched and packed): schemas, validation, CPU kernels.
+// CPU: at::parallel_for over image rows (b, hp, py); each row is one of three loops picked by the
+// strides: channels-last (p*C contiguous elements per patch: memcpy), channels-first (one contiguous
+// source row per channel, written with stride C: the compiler unrolls it for p = 1, 2, 4, 8) or
+// any other strides (element by element).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include <cstring>
+#include <vector>
 
 #include "patchify.h"
 
@@ -20,40 +26,120 @@ PatchGeometry patch_geometry(const at::Tensor& images, int64_t p) {
   return g;
 }
 
-// Walks one (b, hp, py) image row segment: W pixels, each C channels, into its patch rows.
-// ToPatches selects the direction; the same loop serves patchify and unpatchify.
+PackedPlan packed_plan(at::TensorList images, int64_t p) {
+  TORCH_CHECK(!images.empty(), "patchify_packed: images must be a non-empty list");
+  PackedPlan plan;
+  plan.offsets.push_back(0);
+  for (size_t i = 0; i < images.size(); ++i) {
+    const at::Tensor& image = images[i];
+    TORCH_CHECK(image.dim() == 3, "patchify_packed: images[", i, "] must be (C, H, W), got ", image.sizes());
+    TORCH_CHECK(image.scalar_type() == images[0].scalar_type() && image.device() == images[0].device() &&
+                    image.size(0) == images[0].size(0),
+                "patchify_packed: images[", i, "] must match images[0] in C, dtype and device");
+    plan.geometry.push_back(patch_geometry(image.unsqueeze(0), p));
+    plan.offsets.push_back(plan.offsets.back() + plan.geometry.back().Hp * plan.geometry.back().Wp);
+  }
+  plan.D = plan.geometry[0].D;
+  return plan;
+}
+
+PackedPlan packed_plan(const at::Tensor& patches, int64_t p, at::IntArrayRef heights, at::IntArrayRef widths) {
+  TORCH_CHECK(patches.dim() == 2, "unpatchify_packed: patches must be (total_patches, p*p*C), got ", patches.sizes());
+  TORCH_CHECK(p > 0 && patches.size(1) % (p * p) == 0, "unpatchify_packed: last dim ", patches.size(1),
+              " is not a multiple of p*p=", p * p);
+  TORCH_CHECK(!heights.empty() && heights.size() == widths.size(),
+              "unpatchify_packed: heights and widths must be non-empty lists of one length");
+  PackedPlan plan;
+  plan.offsets.push_back(0);
+  const int64_t C = patches.size(1) / (p * p);
+  for (size_t i = 0; i < heights.size(); ++i) {
+    TORCH_CHECK(heights[i] > 0 && widths[i] > 0 && heights[i] % p == 0 && widths[i] % p == 0,
+                "unpatchify_packed: image ", i, " size ", heights[i], "x", widths[i], " is not a positive multiple of p=", p);
+    // Output images are fresh contiguous (C, H, W) tensors.
+    PatchGeometry g{1, C, heights[i], widths[i], p, heights[i] / p, widths[i] / p, p * p * C,
+                    C * heights[i] * widths[i], heights[i] * widths[i], widths[i], 1};
+    plan.geometry.push_back(g);
+    plan.offsets.push_back(plan.offsets.back() + g.Hp * g.Wp);
+  }
+  TORCH_CHECK(plan.offsets.back() == patches.size(0), "unpatchify_packed: the image sizes give ", plan.offsets.back(),
+              " patches, got ", patches.size(0));
+  plan.D = patches.size(1);
+  return plan;
+}
+
+namespace {
+
+template <typename T, bool ToPatches>
+inline void move(T* image_element, T* patch_element) {
+  if constexpr (ToPatches) *patch_element = *image_element; else *image_element = *patch_element;
+}
+
+// One channel row of a channels-first image (contiguous along w) to or from its patch features.
+template <typename T, bool ToPatches, int P>
+inline void channel_row(T* src_row, T* dst, int64_t Wp, int64_t D, int64_t C) {
+  for (int64_t wp = 0; wp < Wp; ++wp) {
+    T* in = src_row + wp * P;
+    T* out = dst + wp * D;
+    for (int px = 0; px < P; ++px) move<T, ToPatches>(in + px, out + px * C);
+  }
+}
+
 template <typename T, bool ToPatches>
 void patch_rows_cpu(T* img, T* patches, const PatchGeometry& g) {
   const int64_t rows = g.B * g.Hp * g.p;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.W * g.C, 1));
+  const bool channels_last = g.sc == 1 && g.sw == g.C;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t py = r % g.p, hp = (r / g.p) % g.Hp, b = r / (g.p * g.Hp);
-      const int64_t h = hp * g.p + py;
-      T* img_row = img + b * g.sb + h * g.sh;
+      T* img_row = img + b * g.sb + (hp * g.p + py) * g.sh;
       T* patch_base = patches + (b * g.Hp * g.Wp + hp * g.Wp) * g.D + py * g.p * g.C;
-      for (int64_t w = 0; w < g.W; ++w) {
-        const int64_t wp = w / g.p, px = w % g.p;
-        T* out = patch_base + wp * g.D + px * g.C;
-        T* in = img_row + w * g.sw;
-        if (g.sc == 1) {  // channels last: C contiguous values on both sides
-          if (ToPatches) std::copy(in, in + g.C, out); else std::copy(out, out + g.C, in);
-        } else {
-          for (int64_t c = 0; c < g.C; ++c) {
-            if (ToPatches) out[c] = in[c * g.sc]; else in[c * g.sc] = out[c];
+      if (channels_last) {
+        const size_t bytes = sizeof(T) * g.p * g.C;
+        for (int64_t wp = 0; wp < g.Wp; ++wp) {
+          T* pixels = img_row + wp * g.p * g.C;
+          T* features = patch_base + wp * g.D;
+          if (ToPatches) std::memcpy(features, pixels, bytes); else std::memcpy(pixels, features, bytes);
+        }
+      } else if (g.sw == 1) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          T* src = img_row + c * g.sc;
+          T* dst = patch_base + c;
+          switch (g.p) {
+            case 1: channel_row<T, ToPatches, 1>(src, dst, g.Wp, g.D, g.C); break;
+            case 2: channel_row<T, ToPatches, 2>(src, dst, g.Wp, g.D, g.C); break;
+            case 4: channel_row<T, ToPatches, 4>(src, dst, g.Wp, g.D, g.C); break;
+            case 8: channel_row<T, ToPatches, 8>(src, dst, g.Wp, g.D, g.C); break;
+            default:
+              for (int64_t w = 0; w < g.W; ++w) move<T, ToPatches>(src + w, dst + (w / g.p) * g.D + (w % g.p) * g.C);
           }
+        }
+      } else {
+        for (int64_t w = 0; w < g.W; ++w) {
+          T* out = patch_base + (w / g.p) * g.D + (w % g.p) * g.C;
+          T* in = img_row + w * g.sw;
+          for (int64_t c = 0; c < g.C; ++c) move<T, ToPatches>(in + c * g.sc, out + c);
         }
       }
     }
   });
 }
 
+// images: the tensor g describes; patches: the first patch row this image owns.
+template <bool ToPatches>
+void patch_kernel_cpu(const at::Tensor& images, void* patches, const PatchGeometry& g) {
+  dispatch_element_bits(images, "patchify", [&](auto bits) {
+    using T = decltype(bits);
+    patch_rows_cpu<T, ToPatches>(static_cast<T*>(images.data_ptr()), static_cast<T*>(patches), g);
+  });
+}
+
+}  // namespace
+
 at::Tensor patchify_cpu(const at::Tensor& images, int64_t p) {
   auto g = patch_geometry(images, p);
   auto patches = at::empty({g.B, g.Hp * g.Wp, g.D}, images.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patchify_cpu", [&] {
-    patch_rows_cpu<scalar_t, true>(const_cast<scalar_t*>(images.const_data_ptr<scalar_t>()),
-                                   patches.mutable_data_ptr<scalar_t>(), g);
-  });
+  if (patches.numel()) patch_kernel_cpu<true>(images, patches.data_ptr(), g);
   return patches;
 }
 
@@ -66,21 +152,51 @@ at::Tensor unpatchify_cpu(const at::Tensor& patches_in, int64_t p, int64_t heigh
   TORCH_CHECK(patches_in.size(1) == g.Hp * g.Wp, "unpatchify: expected ", g.Hp * g.Wp, " patches for ",
               height, "x", width, " with p=", p, ", got ", patches_in.size(1));
   auto patches = patches_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, patches.scalar_type(), "unpatchify_cpu", [&] {
-    patch_rows_cpu<scalar_t, false>(images.mutable_data_ptr<scalar_t>(),
-                                    const_cast<scalar_t*>(patches.const_data_ptr<scalar_t>()), g);
-  });
+  if (patches.numel()) patch_kernel_cpu<false>(images, patches.data_ptr(), g);
   return images;
+}
+
+std::tuple<at::Tensor, at::Tensor> patchify_packed_cpu(at::TensorList images, int64_t p) {
+  const PackedPlan plan = packed_plan(images, p);
+  auto patches = at::empty({plan.offsets.back(), plan.D}, images[0].options());
+  for (size_t i = 0; i < images.size(); ++i) {
+    if (plan.offsets[i + 1] == plan.offsets[i]) continue;
+    patch_kernel_cpu<true>(images[i], static_cast<char*>(patches.data_ptr()) +
+                                          plan.offsets[i] * plan.D * patches.element_size(), plan.geometry[i]);
+  }
+  return {patches, offsets_tensor(plan, patches.device())};
+}
+
+std::vector<at::Tensor> unpatchify_packed_cpu(const at::Tensor& patches_in, int64_t p, at::IntArrayRef heights,
+                                              at::IntArrayRef widths) {
+  const PackedPlan plan = packed_plan(patches_in, p, heights, widths);
+  const at::Tensor patches = patches_in.contiguous();
+  std::vector<at::Tensor> images;
+  for (size_t i = 0; i < heights.size(); ++i) {
+    const PatchGeometry& g = plan.geometry[i];
+    images.push_back(at::empty({g.C, g.H, g.W}, patches.options()));
+    patch_kernel_cpu<false>(images.back(), static_cast<char*>(patches.data_ptr()) +
+                                               plan.offsets[i] * plan.D * patches.element_size(), g);
+  }
+  return images;
+}
+
+at::Tensor offsets_tensor(const PackedPlan& plan, const at::Device& device) {
+  return at::tensor(plan.offsets, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
 TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
   m.def("patchify(Tensor images, int p) -> Tensor");
   m.def("unpatchify(Tensor patches, int p, int height, int width) -> Tensor");
+  m.def("patchify_packed(Tensor[] images, int p) -> (Tensor, Tensor)");
+  m.def("unpatchify_packed(Tensor patches, int p, int[] heights, int[] widths) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(transfusion_fast, CPU, m) {
   m.impl("patchify", &patchify_cpu);
   m.impl("unpatchify", &unpatchify_cpu);
+  m.impl("patchify_packed", &patchify_packed_cpu);
+  m.impl("unpatchify_packed", &unpatchify_packed_cpu);
 }
 
 }  // namespace transfusion_fast

@@ -1,8 +1,8 @@
-// patchify / unpatchify: CUDA kernels, one thread per patch element (memory bound).
-#include <ATen/Dispatch.h>
+// patchify / unpatchify (batched and packed): CUDA kernels, one thread per patch element (memory
+// bound), on raw element bits like the CPU kernels. The packed ops launch once per image.
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -10,7 +10,7 @@
 
 namespace transfusion_fast {
 
-PatchGeometry patch_geometry(const at::Tensor& images, int64_t p);
+// Kernels stay outside anonymous namespaces: nvcc's host stubs for templated kernels fail there.
 
 template <typename T, bool ToPatches>
 __global__ void patch_elements_kernel(T* img, T* patches, PatchGeometry g, int64_t total) {
@@ -24,16 +24,18 @@ __global__ void patch_elements_kernel(T* img, T* patches, PatchGeometry g, int64
   }
 }
 
+// images: the tensor g describes; patches: the first patch row this image (batch) owns.
 template <bool ToPatches>
-void launch_patch_kernel(const at::Tensor& images, const at::Tensor& patches, const PatchGeometry& g) {
-  const int64_t total = patches.numel();
+static void patch_kernel_cuda(const at::Tensor& images, void* patches, const PatchGeometry& g) {
+  const int64_t total = g.B * g.Hp * g.Wp * g.D;
   if (total == 0) return;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535 * 8);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patchify_cuda", [&] {
-    patch_elements_kernel<scalar_t, ToPatches><<<blocks, threads, 0, stream>>>(
-        static_cast<scalar_t*>(images.data_ptr()), static_cast<scalar_t*>(patches.data_ptr()), g, total);
+  dispatch_element_bits(images, "patchify", [&](auto bits) {
+    using T = decltype(bits);
+    patch_elements_kernel<T, ToPatches><<<blocks, threads, 0, stream>>>(
+        static_cast<T*>(images.data_ptr()), static_cast<T*>(patches), g, total);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -42,7 +44,7 @@ at::Tensor patchify_cuda(const at::Tensor& images, int64_t p) {
   c10::cuda::CUDAGuard guard(images.device());
   auto g = patch_geometry(images, p);
   auto patches = at::empty({g.B, g.Hp * g.Wp, g.D}, images.options());
-  launch_patch_kernel<true>(images, patches, g);
+  patch_kernel_cuda<true>(images, patches.data_ptr(), g);
   return patches;
 }
 
@@ -55,13 +57,42 @@ at::Tensor unpatchify_cuda(const at::Tensor& patches_in, int64_t p, int64_t heig
   auto g = patch_geometry(images, p);
   TORCH_CHECK(patches_in.size(1) == g.Hp * g.Wp, "unpatchify: expected ", g.Hp * g.Wp, " patches, got ",
               patches_in.size(1));
-  launch_patch_kernel<false>(images, patches_in.contiguous(), g);
+  const at::Tensor patches = patches_in.contiguous();
+  patch_kernel_cuda<false>(images, patches.data_ptr(), g);
+  return images;
+}
+
+std::tuple<at::Tensor, at::Tensor> patchify_packed_cuda(at::TensorList images, int64_t p) {
+  const PackedPlan plan = packed_plan(images, p);
+  c10::cuda::CUDAGuard guard(images[0].device());
+  auto patches = at::empty({plan.offsets.back(), plan.D}, images[0].options());
+  for (size_t i = 0; i < images.size(); ++i) {
+    patch_kernel_cuda<true>(images[i], static_cast<char*>(patches.data_ptr()) +
+                                           plan.offsets[i] * plan.D * patches.element_size(), plan.geometry[i]);
+  }
+  return {patches, offsets_tensor(plan, patches.device())};
+}
+
+std::vector<at::Tensor> unpatchify_packed_cuda(const at::Tensor& patches_in, int64_t p, at::IntArrayRef heights,
+                                               at::IntArrayRef widths) {
+  c10::cuda::CUDAGuard guard(patches_in.device());
+  const PackedPlan plan = packed_plan(patches_in, p, heights, widths);
+  const at::Tensor patches = patches_in.contiguous();
+  std::vector<at::Tensor> images;
+  for (size_t i = 0; i < heights.size(); ++i) {
+    const PatchGeometry& g = plan.geometry[i];
+    images.push_back(at::empty({g.C, g.H, g.W}, patches.options()));
+    patch_kernel_cuda<false>(images.back(), static_cast<char*>(patches.data_ptr()) +
+                                                plan.offsets[i] * plan.D * patches.element_size(), g);
+  }
   return images;
 }
 
 TORCH_LIBRARY_IMPL(transfusion_fast, CUDA, m) {
   m.impl("patchify", &patchify_cuda);
   m.impl("unpatchify", &unpatchify_cuda);
+  m.impl("patchify_packed", &patchify_packed_cuda);
+  m.impl("unpatchify_packed", &unpatchify_packed_cuda);
 }
 
 }  // namespace transfusion_fast

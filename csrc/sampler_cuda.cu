@@ -17,7 +17,7 @@ void check_step_args(const at::Tensor& x_t, const at::Tensor& model_out, const s
                      const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                      int64_t prediction, const std::optional<at::Tensor>& noise);
 
-namespace {
+// Kernels stay outside anonymous namespaces: nvcc's host stubs for templated kernels fail there.
 
 constexpr int kThreads = 256;
 
@@ -83,7 +83,7 @@ __global__ void step_kernel(const double* __restrict__ coefficients, const scala
   }
 }
 
-at::Tensor sampler_step_cuda(bool ddpm, const at::Tensor& x_t_in, const at::Tensor& model_out_in,
+static at::Tensor sampler_step_cuda(bool ddpm, const at::Tensor& x_t_in, const at::Tensor& model_out_in,
                              const std::optional<at::Tensor>& uncond_in, const at::Tensor& t_in,
                              const at::Tensor& t_prev_in, const at::Tensor& alphas_cumprod, int64_t prediction,
                              double eta, double cfg_scale, const std::optional<at::Tensor>& noise_in,
@@ -117,8 +117,6 @@ at::Tensor sampler_step_cuda(bool ddpm, const at::Tensor& x_t_in, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
-
-}  // namespace
 
 at::Tensor ddpm_step_cuda(const at::Tensor& x_t, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond_out,
                           const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,

@@ -2,7 +2,8 @@
 from .attention import attention, attention_reference
 from .noise import (add_noise, add_noise_reference, diffusion_target, philox_normal_reference, predicted_eps,
                     predicted_x0)
-from .patchify import patchify, patchify_reference, unpatchify, unpatchify_reference
+from .patchify import (patchify, patchify_packed, patchify_packed_reference, patchify_reference, unpatchify,
+                       unpatchify_packed, unpatchify_packed_reference, unpatchify_reference)
 from .sampler import ddim_step, ddim_step_reference, ddpm_step, ddpm_step_reference, inference_timesteps
 from .rms_norm import rms_norm, rms_norm_reference
 from .rope import apply_rope, apply_rope_reference
@@ -12,4 +13,5 @@ __all__ = ["attention", "attention_reference", "add_noise", "add_noise_reference
            "patchify_reference", "unpatchify", "unpatchify_reference", "rms_norm",
            "rms_norm_reference", "apply_rope", "apply_rope_reference", "swiglu", "swiglu_fused",
            "swiglu_reference", "diffusion_target", "predicted_x0", "predicted_eps", "philox_normal_reference",
-           "ddpm_step", "ddpm_step_reference", "ddim_step", "ddim_step_reference", "inference_timesteps"]
+           "ddpm_step", "ddpm_step_reference", "ddim_step", "ddim_step_reference", "inference_timesteps",
+           "patchify_packed", "patchify_packed_reference", "unpatchify_packed", "unpatchify_packed_reference"]

@@ -1,9 +1,12 @@
-"""patchify / unpatchify: images ``(B, C, H, W)`` ↔ patch rows ``(B, (H/p)(W/p), p·p·C)``.
+"""patchify / unpatchify: images ``(B, C, H, W)`` ↔ patch rows ``(B, (H/p)(W/p), p·p·C)``, and the
+packed form: a list of ``(C, H_i, W_i)`` images ↔ one ``(total_patches, p·p·C)`` tensor + offsets.
 
 Patch ``n = hp·(W/p) + wp`` (row-major over the patch grid); inside a patch the feature index is
-``(py·p + px)·C + c`` (channels last), the order DiT's unpatchify expects. The compiled kernels
-(csrc/patchify.cpp, csrc/patchify.cu) run on both devices under ``auto`` and ``triton``: there is
-no Triton version of this pure data movement.
+``(py·p + px)·C + c`` (channels last), the order DiT's unpatchify expects. Inputs may have any strides
+(channels-first, channels-last, views); outputs are contiguous. Any floating dtype: the kernels move
+raw element bits. The compiled kernels (csrc/patchify.cpp, csrc/patchify_cuda.cu) run on both
+devices under ``auto`` and ``triton``: there is no Triton version of this pure data movement.
+``reference`` runs the reshape/permute twins.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from .. import _ext
 from .. import backend as _backend
 
 __all__ = ["patchify", "unpatchify", "patchify_reference", "unpatchify_reference",
-           "check_patchify_inputs", "check_unpatchify_inputs"]
+           "check_patchify_inputs", "check_unpatchify_inputs", "patchify_packed", "unpatchify_packed",
+           "patchify_packed_reference", "unpatchify_packed_reference"]
 
 
 def check_patchify_inputs(images: torch.Tensor, p: int) -> None:
@@ -47,6 +51,51 @@ def check_unpatchify_inputs(patches: torch.Tensor, p: int, height: int, width: i
         raise ValueError(f"expected {expected} patches for a {height}x{width} image with p={p}, got {patches.shape[1]}")
 
 
+def _check_patch_size(p) -> None:
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+        raise ValueError(f"patch size p must be a positive int, got {p!r}")
+
+
+def check_patchify_packed_inputs(images, p: int) -> None:
+    _check_patch_size(p)
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"images must be a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
+    first = images[0]
+    for i, image in enumerate(images):
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
+            raise ValueError(f"images[{i}] must be a floating-point (C, H, W) tensor, got "
+                             f"{(image.dtype, tuple(image.shape)) if isinstance(image, torch.Tensor) else type(image).__name__}")
+        if image.shape[0] != first.shape[0] or image.dtype != first.dtype or image.device != first.device:
+            raise ValueError(f"images[{i}] must match images[0] in channels, dtype and device "
+                             f"(C={first.shape[0]}, {first.dtype}, {first.device}), got C={image.shape[0]}, "
+                             f"{image.dtype}, {image.device}")
+        if image.shape[1] % p or image.shape[2] % p:
+            raise ValueError(f"images[{i}]: height and width must be divisible by the patch size p={p}, got "
+                             f"H={image.shape[1]}, W={image.shape[2]}")
+
+
+def check_unpatchify_packed_inputs(patches, offsets, p: int, sizes) -> None:
+    _check_patch_size(p)
+    if not isinstance(patches, torch.Tensor) or patches.dim() != 2 or not patches.is_floating_point():
+        raise ValueError(f"patches must be a floating-point (total_patches, p*p*C) tensor, got "
+                         f"{(patches.dtype, tuple(patches.shape)) if isinstance(patches, torch.Tensor) else type(patches).__name__}")
+    if patches.shape[1] % (p * p):
+        raise ValueError(f"the last dim of patches must be p*p*C = a multiple of {p * p}, got {patches.shape[1]}")
+    if not isinstance(sizes, (list, tuple)) or not sizes or not all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v > 0 and v % p == 0 for v in s)
+            for s in sizes):
+        raise ValueError(f"sizes must be a non-empty list of (height, width) pairs, positive multiples of p={p}, "
+                         f"got {sizes!r}")
+    counts = [(h // p) * (w // p) for h, w in sizes]
+    expected = torch.tensor([0] + counts).cumsum(0)
+    if not isinstance(offsets, torch.Tensor) or offsets.shape != expected.shape or not torch.equal(
+            offsets.detach().cpu().long(), expected):
+        raise ValueError(f"offsets must be the patch-row offsets of sizes, {expected.tolist()}, got "
+                         f"{offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets!r}")
+    if patches.shape[0] != int(expected[-1]):
+        raise ValueError(f"sizes give {int(expected[-1])} patches, got {patches.shape[0]} rows")
+
+
 def patchify_reference(images: torch.Tensor, p: int) -> torch.Tensor:
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // p, p, w // p, p)            # (B, C, Hp, py, Wp, px)
@@ -58,6 +107,20 @@ def unpatchify_reference(patches: torch.Tensor, p: int, height: int, width: int)
     c = d // (p * p)
     x = patches.reshape(b, height // p, width // p, p, p, c)  # (B, Hp, Wp, py, px, C)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
+
+
+def patchify_packed_reference(images, p: int):
+    """The packed patches of a list of ``(C, H_i, W_i)`` images and their int64 row offsets."""
+    parts = [patchify_reference(image[None], p)[0] for image in images]
+    offsets = torch.tensor([0] + [part.shape[0] for part in parts], device=images[0].device).cumsum(0)
+    return torch.cat(parts), offsets
+
+
+def unpatchify_packed_reference(patches: torch.Tensor, offsets: torch.Tensor, p: int, sizes):
+    """The list of ``(C, H_i, W_i)`` images of packed ``patches``."""
+    bounds = offsets.tolist()
+    return [unpatchify_reference(patches[bounds[i]:bounds[i + 1]][None], p, h, w)[0]
+            for i, (h, w) in enumerate(sizes)]
 
 
 def _setup_patchify(ctx, inputs, output):
@@ -77,6 +140,29 @@ def _backward_unpatchify(ctx, grad):
     return torch.ops.transfusion_fast.patchify(grad, ctx.p), None, None, None
 
 
+def _setup_patchify_packed(ctx, inputs, output):
+    images, p = inputs
+    ctx.p, ctx.sizes = p, [tuple(image.shape[-2:]) for image in images]
+
+
+def _backward_patchify_packed(ctx, grad_patches, grad_offsets):
+    heights, widths = [h for h, _ in ctx.sizes], [w for _, w in ctx.sizes]
+    return list(torch.ops.transfusion_fast.unpatchify_packed(grad_patches.contiguous(), ctx.p, heights, widths)), None
+
+
+def _setup_unpatchify_packed(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.like = [image.new_empty(0) for image in output]
+    ctx.shapes = [image.shape for image in output]
+
+
+def _backward_unpatchify_packed(ctx, grad_images):
+    # Images whose output got no gradient contribute zeros.
+    grads = [like.new_zeros(shape) if g is None else g
+             for g, like, shape in zip(grad_images, ctx.like, ctx.shapes)]
+    return torch.ops.transfusion_fast.patchify_packed(grads, ctx.p)[0], None, None, None
+
+
 def _fake_patchify(images, p):
     b, c, h, w = images.shape
     return images.new_empty(b, (h // p) * (w // p), p * p * c)
@@ -84,6 +170,17 @@ def _fake_patchify(images, p):
 
 def _fake_unpatchify(patches, p, height, width):
     return patches.new_empty(patches.shape[0], patches.shape[2] // (p * p), height, width)
+
+
+def _fake_patchify_packed(images, p):
+    total = sum((image.shape[1] // p) * (image.shape[2] // p) for image in images)
+    return (images[0].new_empty(total, p * p * images[0].shape[0]),
+            images[0].new_empty(len(images) + 1, dtype=torch.int64))
+
+
+def _fake_unpatchify_packed(patches, p, heights, widths):
+    channels = patches.shape[1] // (p * p)
+    return [patches.new_empty(channels, h, w) for h, w in zip(heights, widths)]
 
 
 _registered = False
@@ -98,6 +195,12 @@ def _compiled():
                                         setup_context=_setup_patchify)
         torch.library.register_autograd("transfusion_fast::unpatchify", _backward_unpatchify,
                                         setup_context=_setup_unpatchify)
+        torch.library.register_autograd("transfusion_fast::patchify_packed", _backward_patchify_packed,
+                                        setup_context=_setup_patchify_packed)
+        torch.library.register_autograd("transfusion_fast::unpatchify_packed", _backward_unpatchify_packed,
+                                        setup_context=_setup_unpatchify_packed)
+        torch.library.register_fake("transfusion_fast::patchify_packed", _fake_patchify_packed)
+        torch.library.register_fake("transfusion_fast::unpatchify_packed", _fake_unpatchify_packed)
         torch.library.register_fake("transfusion_fast::patchify", _fake_patchify)
         torch.library.register_fake("transfusion_fast::unpatchify", _fake_unpatchify)
         _registered = True
@@ -118,3 +221,24 @@ def unpatchify(patches: torch.Tensor, p: int, height: int, width: int) -> torch.
     if _backend.get_backend() == "reference":
         return unpatchify_reference(patches, p, height, width)
     return _compiled().unpatchify(patches, p, height, width)
+
+
+def patchify_packed(images, p: int):
+    """A list of ``(C, H_i, W_i)`` images (any sizes, multiples of ``p``; any strides) → ``(patches,
+    offsets)``: ``patches`` is ``(total_patches, p·p·C)`` with image ``i`` in rows
+    ``[offsets[i], offsets[i+1])``, ``offsets`` an int64 vector of ``len(images) + 1`` entries on the
+    images' device. Differentiable w.r.t. the images."""
+    check_patchify_packed_inputs(images, p)
+    if _backend.get_backend() == "reference":
+        return patchify_packed_reference(images, p)
+    return _compiled().patchify_packed(list(images), p)
+
+
+def unpatchify_packed(patches: torch.Tensor, offsets: torch.Tensor, p: int, sizes):
+    """Inverse of :func:`patchify_packed`: the list of contiguous ``(C, H_i, W_i)`` images, ``sizes``
+    their ``(H_i, W_i)``; ``offsets`` must be the ones those sizes give. Differentiable."""
+    check_unpatchify_packed_inputs(patches, offsets, p, sizes)
+    if _backend.get_backend() == "reference":
+        return unpatchify_packed_reference(patches, offsets, p, sizes)
+    heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
+    return list(_compiled().unpatchify_packed(patches, p, heights, widths))
