@@ -16,7 +16,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def classifier(digits):
-    return metrics.DigitClassifier(hidden=64).fit(digits.train_images, digits.train_labels)
+    return metrics.digit_classifier(0)
 
 
 def test_classifier_is_accurate_on_held_out_digits(digits, classifier):
@@ -57,7 +57,7 @@ def test_frechet_distance_known_values(digits, classifier):
     assert noise > 20 * same
 
 
-def _sine(n, seed, length=24):
+def _sine(n, seed, length=16):
     return data.sine_windows(n, length, 3, seed=seed)
 
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per span")
         p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (digits)")
         p.add_argument("--per-digit", type=int, default=20, help="generated images per digit")
+        p.add_argument("--held-out", type=int, default=None,
+                       help="caption only the first N held-out images (default: all 359)")
 
     p = commands.add_parser("train", help="train a model")
     common(p, True)
@@ -139,7 +141,8 @@ def cmd_sample(args) -> dict:
     kwargs = {"steps": _setting(args, "sample_steps", task.name), "seed": args.seed,
               "progress": not args.no_progress}
     if task.name == "digits":
-        kwargs.update(per_digit=args.per_digit, cfg_scale=_setting(args, "cfg_scale", task.name))
+        kwargs.update(per_digit=args.per_digit, cfg_scale=_setting(args, "cfg_scale", task.name),
+                      held_out=args.held_out)
     result = task.sample(model, args.out, **kwargs)
     print(f"sampled into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in result.items()))

@@ -16,13 +16,14 @@ PNG files are written by a small zlib writer (no plotting library needed).
 """
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 
 import numpy as np
 import torch
 
-__all__ = ["DigitClassifier", "conditional_accuracy", "captioning_accuracy", "frechet_distance",
+__all__ = ["DigitClassifier", "digit_classifier", "conditional_accuracy", "captioning_accuracy", "frechet_distance",
            "discriminative_score", "predictive_score", "write_png", "digit_grid_png", "pca_png"]
 
 
@@ -63,6 +64,16 @@ class DigitClassifier:
         """The hidden-layer activations: the space the Fréchet distance is measured in."""
         x = _as_8x8_rows(images)
         return np.maximum(x @ self.model.coefs_[0] + self.model.intercepts_[0], 0.0)
+
+
+@functools.lru_cache(maxsize=4)
+def digit_classifier(seed: int = 0) -> DigitClassifier:
+    """The eval classifier, fit once per process on the training split (``seed``) of the 8×8
+    digits: the same images whatever size the model generates, since 16×16 images are pooled."""
+    from .data import load_digits_data
+
+    digits = load_digits_data(8, seed=seed)
+    return DigitClassifier(seed=seed).fit(digits.train_images, digits.train_labels)
 
 
 def conditional_accuracy(classifier: DigitClassifier, generated_images, requested_labels) -> float:

@@ -65,7 +65,7 @@ class DigitsTask:
     def model_config(self, dim: int = 128, depth: int = 4, heads: int = 4) -> ModelConfig:
         patch = 2 if self.image_size == 8 else 4        # 16 patches either way
         return ModelConfig(**_base_config(
-            dim=dim, depth=depth, n_heads=heads, max_seq_len=512,
+            dim=dim, depth=depth, n_heads=heads, max_seq_len=512, prediction="v",
             modalities=(ModalityConfig("image", "image", channels=1, patch_size=patch,
                                        max_size=self.image_size),)))
 
@@ -121,9 +121,11 @@ class DigitsTask:
         return captions
 
     def sample(self, model: Model, out_dir: str, *, per_digit: int = 20, steps: int = 50,
-               cfg_scale: float = 3.0, seed: int = 0, progress: bool = True) -> dict:
-        """Generate images for every caption and captions for every held-out image; write
-        ``samples.png`` (one row per digit), ``captions.txt`` and ``samples.pt``."""
+               cfg_scale: float = 3.0, seed: int = 0, progress: bool = True,
+               held_out: int | None = None) -> dict:
+        """Generate ``per_digit`` images for every digit and a caption for every held-out image
+        (the first ``held_out`` of them when given); write ``samples.png`` (one row per digit),
+        ``captions.txt`` and ``samples.pt``."""
         os.makedirs(out_dir, exist_ok=True)
         t0 = time.perf_counter()
         images, labels, captions = self.generate_images(model, per_digit, steps, cfg_scale, seed,
@@ -132,14 +134,17 @@ class DigitsTask:
         order = torch.argsort(labels, stable=True)                   # rows: digit 0 … 9
         metrics.digit_grid_png(os.path.join(out_dir, "samples.png"), images[order], rows=10)
         t0 = time.perf_counter()
-        held_out = self.data.test_images
-        generated_captions = self.caption_images(model, held_out, seed)
+        count = len(self.data.test_images) if held_out is None else held_out
+        if not 1 <= count <= len(self.data.test_images):
+            raise ValueError(f"held_out must lie in [1, {len(self.data.test_images)}], got {held_out!r}")
+        generated_captions = self.caption_images(model, self.data.test_images[:count], seed)
+        caption_labels = self.data.test_labels[:count]
         t_captions = time.perf_counter() - t0
         with open(os.path.join(out_dir, "captions.txt"), "w") as handle:
-            for i, (caption, label) in enumerate(zip(generated_captions, self.data.test_labels.tolist())):
+            for i, (caption, label) in enumerate(zip(generated_captions, caption_labels.tolist())):
                 handle.write(f"held-out #{i}\ttrue: {data_mod.DIGIT_WORDS[label]}\tgenerated: {caption}\n")
         torch.save({"images": images, "labels": labels, "prompts": captions,
-                    "captions": generated_captions, "caption_labels": self.data.test_labels,
+                    "captions": generated_captions, "caption_labels": caption_labels,
                     "settings": {"per_digit": per_digit, "steps": steps, "cfg_scale": cfg_scale,
                                  "seed": seed}}, os.path.join(out_dir, "samples.pt"))
         return {"images": len(images), "image_seconds": t_images, "captions": len(generated_captions),
@@ -148,8 +153,7 @@ class DigitsTask:
     def evaluate(self, out_dir: str) -> dict:
         """Conditional accuracy, captioning accuracy and the Fréchet distance of ``samples.pt``."""
         saved = torch.load(os.path.join(out_dir, "samples.pt"), weights_only=False)
-        classifier = metrics.DigitClassifier(seed=self.seed).fit(self.data.train_images,
-                                                                 self.data.train_labels)
+        classifier = metrics.digit_classifier(self.seed)
         real = self.data.test_images
         return {
             "task": self.name,
@@ -207,7 +211,7 @@ class SeriesTask:
 
     def model_config(self, dim: int = 128, depth: int = 4, heads: int = 4) -> ModelConfig:
         return ModelConfig(**_base_config(
-            dim=dim, depth=depth, n_heads=heads, cfg_drop_prob=0.0, conditioning="adaln_zero",
+            dim=dim, depth=depth, n_heads=heads, cfg_drop_prob=0.0, conditioning="adaln_zero", prediction="v",
             max_seq_len=max(512, self.length + 8),
             modalities=(ModalityConfig("series", "sequence", channels=self.features,
                                        patch_size=self.patch_size(), max_size=self.length),)))

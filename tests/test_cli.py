@@ -1,0 +1,95 @@
+"""The CLI end to end on a tiny budget: train -> checkpoint -> resume -> sample -> eval, both tasks."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from transfusion_fast.checkpoint import load_checkpoint
+from transfusion_fast.cli import main
+from transfusion_fast.metrics import write_png  # noqa: F401  (the PNG writer the outputs use)
+
+TINY = ["--dim", "64", "--depth", "1", "--heads", "4", "--batch-size", "6", "--threads", "1",
+        "--backend", "reference", "--no-progress"]
+
+
+def _png_size(path):
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_digits_train_resume_sample_eval(tmp_path):
+    out = str(tmp_path / "digits")
+    main(["train", "--out", out, "--steps", "3", "--checkpoint-every", "2", *TINY])
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    _, info = load_checkpoint(ckpt)
+    assert info["step"] == 3 and info["extra"]["task"]["task"] == "digits"
+
+    main(["train", "--out", out, "--steps", "5", "--resume", *TINY])
+    _, info = load_checkpoint(ckpt)
+    assert info["step"] == 5
+    summary = json.load(open(os.path.join(out, "train_summary.json")))
+    assert summary["steps"] == 5 and summary["tokens_per_second"] > 0
+
+    main(["sample", "--out", out, "--per-digit", "1", "--sample-steps", "2", "--held-out", "12",
+          "--threads", "1", "--backend", "reference", "--no-progress"])
+    # 10 rows (one per digit) of 1 image of 8x8 pixels at scale 4 with 1-pixel gaps.
+    assert _png_size(os.path.join(out, "samples.png")) == (1 * 33 + 1, 10 * 33 + 1)
+    lines = open(os.path.join(out, "captions.txt")).read().splitlines()
+    assert len(lines) == 12 and lines[0].startswith("held-out #0\ttrue: ")
+
+    main(["eval", "--out", out, "--threads", "1"])
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("conditional_accuracy", "captioning_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["frechet_distance"] > metrics["frechet_distance_train_vs_held_out"]
+    assert metrics["generated_images"] == 10 and metrics["captioned_images"] == 12
+    assert metrics["classifier_accuracy_on_held_out"] > 0.9
+
+
+def test_sine_train_sample_eval(tmp_path):
+    out = str(tmp_path / "sine")
+    main(["demo", "--task", "sine", "--length", "16", "--num-samples", "40", "--out", out,
+          "--steps", "2", "--sample-steps", "2", "--metric-iterations", "3", *TINY])
+    samples = np.load(os.path.join(out, "samples.npy"))
+    assert samples.shape == (8, 16, 5) and samples.min() >= 0.0 and samples.max() <= 1.0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert 0.0 <= metrics["lds"] <= 0.5 and metrics["lps"] > 0 and metrics["lps_real_data"] > 0
+    assert metrics["length"] == 16 and metrics["features"] == 5
+    assert _png_size(os.path.join(out, "pca.png")) == (400, 400)
+
+
+def test_csv_task(tmp_path):
+    path = tmp_path / "energy.csv"
+    t = np.arange(60)
+    # The date column is not numeric: it is skipped, two features remain.
+    path.write_text("date,a,b\n" + "".join(f"day{i},{np.sin(i / 5):.4f},{np.cos(i / 7):.4f}\n" for i in t))
+    out = str(tmp_path / "csv")
+    main(["demo", "--task", "csv", "--data", str(path), "--length", "8", "--out", out, "--steps", "2",
+          "--sample-steps", "2", "--metric-iterations", "3", *TINY])
+    assert np.load(os.path.join(out, "samples.npy")).shape == (11, 8, 2)
+    original = np.load(os.path.join(out, "samples_original_units.npy"))
+    assert original.min() >= -1.0 - 1e-3 and original.max() <= 1.0 + 1e-3
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--task csv needs --data FILE.csv"):
+        main(["train", "--task", "csv", "--out", str(tmp_path), *TINY])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        main(["sample", "--out", str(tmp_path / "nothing")])
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        main(["train", "--out", str(tmp_path / "empty"), "--resume", "--steps", "1", *TINY])
+    with pytest.raises(SystemExit):
+        main(["train", "--backend", "cuda-magic"])
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "transfusion_fast", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("train", "sample", "eval", "demo"):
+        assert command in result.stdout
