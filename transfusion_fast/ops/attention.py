@@ -64,19 +64,14 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return float(scale)
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
-                        scale: float, return_lse: bool = False):
-    """Plain PyTorch, one document at a time: O(sum of doc²) memory, never O(T²).
-
-    q (Tq, Hq, D), k/v (Tk, Hkv, D) → o (Tq, Hq, D) [, lse (Hq, Tq) float32]
-    """
+def _reference_from_intervals(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens, scale):
+    """The reference computation on the layout's tensors; see :func:`attention_reference`."""
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     outs, lses = [], []
-    q_cu = layout.q_cu_seqlens.tolist()
-    kv_cu = layout.cu_seqlens.tolist()
-    for d in range(layout.num_docs):
+    q_cu, kv_cu = q_cu_seqlens.tolist(), cu_seqlens.tolist()
+    for d in range(len(kv_cu) - 1):
         q0, q1, k0, k1 = q_cu[d], q_cu[d + 1], kv_cu[d], kv_cu[d + 1]
         if q1 == q0:
             continue
@@ -84,16 +79,110 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         kd = k[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)   # (Hq, Lk, D)
         vd = v[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)
         cols = torch.arange(k0, k1, device=q.device)
-        visible = (cols[None, :] >= layout.kv_start[q0:q1, None]) & (cols[None, :] < layout.kv_end[q0:q1, None])
+        visible = (cols[None, :] >= kv_start[q0:q1, None]) & (cols[None, :] < kv_end[q0:q1, None])
         scores = (qd @ kd.transpose(1, 2)) * scale                                  # (Hq, Lq, Lk)
         scores = scores.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)                                       # (Hq, Lq)
         outs.append((torch.exp(scores - lse[..., None]) @ vd).transpose(0, 1))      # (Lq, Hq, D)
         lses.append(lse)
-    o = torch.cat(outs, 0).to(q.dtype)
-    if not return_lse:
-        return o
-    return o, torch.cat(lses, 1).float()
+    return torch.cat(outs, 0).to(q.dtype), torch.cat(lses, 1).float()
+
+
+def _reference_backward_from_intervals(grad_o, grad_lse, q, k, v, kv_start, kv_end, cu_seqlens,
+                                      q_cu_seqlens, scale):
+    """The textbook attention backward, one document at a time (recomputes P from scratch).
+
+    dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O) + dLSE), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO, with the
+    query heads of a GQA group summed into their shared key/value head.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=compute, device=q.device)
+    dk = torch.zeros(k.shape, dtype=compute, device=k.device)
+    dv = torch.zeros(v.shape, dtype=compute, device=v.device)
+    q_cu, kv_cu = q_cu_seqlens.tolist(), cu_seqlens.tolist()
+    for d in range(len(kv_cu) - 1):
+        q0, q1, k0, k1 = q_cu[d], q_cu[d + 1], kv_cu[d], kv_cu[d + 1]
+        if q1 == q0:
+            continue
+        qd = q[q0:q1].to(compute).transpose(0, 1)                                   # (Hq, Lq, D)
+        kd = k[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)   # (Hq, Lk, D)
+        vd = v[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)
+        dod = grad_o[q0:q1].to(compute).transpose(0, 1)                             # (Hq, Lq, D)
+        cols = torch.arange(k0, k1, device=q.device)
+        visible = (cols[None, :] >= kv_start[q0:q1, None]) & (cols[None, :] < kv_end[q0:q1, None])
+        scores = ((qd @ kd.transpose(1, 2)) * scale).masked_fill(~visible, float("-inf"))
+        p = torch.softmax(scores, dim=-1)                                           # (Hq, Lq, Lk)
+        od = p @ vd
+        delta = (dod * od).sum(-1, keepdim=True) - grad_lse[:, q0:q1, None].to(compute)
+        ds = p * (dod @ vd.transpose(1, 2) - delta)
+        dq[q0:q1] = (ds @ kd).transpose(0, 1) * scale
+        dk_d = (ds.transpose(1, 2) @ qd) * scale                                    # (Hq, Lk, D)
+        dv_d = p.transpose(1, 2) @ dod
+        dk[k0:k1] = dk_d.reshape(hkv, group, k1 - k0, -1).sum(1).transpose(0, 1)
+        dv[k0:k1] = dv_d.reshape(hkv, group, k1 - k0, -1).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                        scale: float, return_lse: bool = False):
+    """Plain PyTorch, one document at a time: O(sum of doc²) memory, never O(T²).
+
+    q (Tq, Hq, D), k/v (Tk, Hkv, D) → o (Tq, Hq, D) [, lse (Hq, Tq) float32]
+    """
+    o, lse = _reference_from_intervals(q, k, v, layout.kv_start, layout.kv_end, layout.cu_seqlens,
+                                       layout.q_cu_seqlens, scale)
+    return (o, lse) if return_lse else o
+
+
+# The reference path loops over documents with Python ints, which torch.compile cannot trace. As
+# the reference backend it therefore runs as an opaque custom op (forward, and a backward that
+# recomputes the reference under autograd), so that a compiled model traces it without a graph
+# break while its math stays the plain code above.
+@torch.library.custom_op("transfusion_fast::reference_attention", mutates_args=())
+def _reference_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            kv_start: torch.Tensor, kv_end: torch.Tensor, cu_seqlens: torch.Tensor,
+                            q_cu_seqlens: torch.Tensor, scale: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _reference_from_intervals(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens, scale)
+
+
+@_reference_attention_op.register_fake
+def _(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("transfusion_fast::reference_attention_backward", mutates_args=())
+def _reference_attention_backward_op(grad_o: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor,
+                                     k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
+                                     kv_end: torch.Tensor, cu_seqlens: torch.Tensor,
+                                     q_cu_seqlens: torch.Tensor, scale: float
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _reference_backward_from_intervals(grad_o, grad_lse, q, k, v, kv_start, kv_end,
+                                              cu_seqlens, q_cu_seqlens, scale)
+
+
+@_reference_attention_backward_op.register_fake
+def _(grad_o, grad_lse, q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _reference_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.scale = inputs[7]
+
+
+def _reference_backward(ctx, grad_o, grad_lse):
+    q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens = ctx.saved_tensors
+    if grad_lse is None:
+        grad_lse = torch.zeros((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    dq, dk, dv = _reference_attention_backward_op(grad_o, grad_lse, q, k, v, kv_start, kv_end,
+                                                  cu_seqlens, q_cu_seqlens, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_reference_attention_op.register_autograd(_reference_backward, setup_context=_reference_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
@@ -118,5 +207,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
         from ._cpu_attention import cpu_attention
         o, lse = cpu_attention(q, k, v, layout, scale)
     else:
-        return attention_reference(q, k, v, layout, scale, return_lse)
+        o, lse = _reference_attention_op(q, k, v, layout.kv_start, layout.kv_end, layout.cu_seqlens,
+                                         layout.q_cu_seqlens, scale)
     return (o, lse) if return_lse else o
