@@ -411,44 +411,53 @@ class TileConfig:
     fwd_stages: int
     dkdv_block_m: int
     dkdv_block_n: int
+    dkdv_warps: int
     dq_block_m: int
     dq_block_n: int
-    bwd_warps: int
+    dq_warps: int
     bwd_stages: int
 
     def as_list(self) -> list[int]:
         return [self.fwd_block_m, self.fwd_block_n, self.fwd_warps, self.fwd_stages,
-                self.dkdv_block_m, self.dkdv_block_n, self.dq_block_m, self.dq_block_n,
-                self.bwd_warps, self.bwd_stages]
+                self.dkdv_block_m, self.dkdv_block_n, self.dkdv_warps,
+                self.dq_block_m, self.dq_block_n, self.dq_warps, self.bwd_stages]
 
     @classmethod
     def from_list(cls, values) -> "TileConfig":
         return cls(*[int(v) for v in values])
 
 
-# (arch, head_dim) -> config for 16-bit inputs. Register budget drives the choice: the forward
-# holds an fp32 (BLOCK_M, D) accumulator, dK/dV two fp32 (BLOCK_N, D) accumulators plus K and V,
-# dQ one (BLOCK_M, D) accumulator plus Q and dO. Larger head dims take smaller tiles or more warps
-# so that ptxas reports zero spills (checked by tests/test_attention_triton.py::test_aot_*);
-# sm_90 has 228 KB of shared memory against 164 KB on sm_80, hence the deeper pipelines.
+# (arch, head_dim) -> config for 16-bit inputs. The register budget decides: the forward holds an
+# fp32 (BLOCK_M, D) accumulator with Q; dK/dV two fp32 (BLOCK_N, D) accumulators with K and V,
+# so it takes few query rows per step (BLOCK_M = 32); dQ one (BLOCK_M, D) accumulator with Q and
+# dO, so few keys per step (BLOCK_N = 32), as in FlashAttention-2. Every entry compiles with zero
+# spills on sm_80 and sm_90a (tests/test_attention_triton_aot.py, figures in the bench report);
+# large head dims take smaller tiles, more warps and no software pipelining to stay spill-free.
+_SMALL_D = dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, fwd_stages=2, dkdv_block_m=32,
+                dkdv_block_n=64, dkdv_warps=4, dq_block_m=64, dq_block_n=32, dq_warps=4,
+                bwd_stages=2)
+_MEDIUM_D = dict(_SMALL_D, fwd_stages=1, dkdv_warps=8, dq_warps=8)
+_LARGE_D = dict(fwd_block_m=64, fwd_block_n=32, fwd_warps=8, fwd_stages=1, dkdv_block_m=32,
+                dkdv_block_n=32, dkdv_warps=8, dq_block_m=16, dq_block_n=32, dq_warps=4,
+                bwd_stages=1)
+# sm_90 (wgmma) needs more registers per tile at D >= 96: narrower key tiles there; it has 228 KB
+# of shared memory against 164 KB on sm_80, hence the deeper forward pipeline at small D.
+_SM90 = {
+    "small": dict(_SMALL_D, fwd_stages=3),
+    "medium": dict(_MEDIUM_D, fwd_block_n=32, dkdv_block_n=32, dkdv_warps=4),
+    "large": dict(_LARGE_D, fwd_block_m=32, dkdv_warps=8, dq_warps=8),
+}
+_SM80 = {"small": _SMALL_D, "medium": _MEDIUM_D, "large": _LARGE_D}
 _HALF_CONFIGS = {
-    (80, 16): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
-    (80, 32): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
-    (80, 64): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
-    (80, 96): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
-    (80, 128): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
-    (80, 256): TileConfig(64, 32, 4, 2, 32, 32, 32, 32, 4, 1),
-    (90, 16): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
-    (90, 32): TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
-    (90, 64): TileConfig(128, 64, 4, 4, 64, 64, 64, 64, 4, 3),
-    (90, 96): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
-    (90, 128): TileConfig(128, 64, 8, 3, 64, 64, 64, 64, 8, 2),
-    (90, 256): TileConfig(64, 64, 8, 2, 32, 64, 64, 32, 8, 1),
+    (arch, dim): TileConfig(**table[size])
+    for arch, table in ((80, _SM80), (90, _SM90))
+    for dim, size in ((16, "small"), (32, "small"), (64, "small"), (96, "medium"),
+                      (128, "medium"), (256, "large"))
 }
 # fp32 inputs use IEEE fp32 dots (no tensor cores, no TF32 rounding): the exact-math path, with
 # tiles sized for twice the bytes per element.
-_FP32_CONFIG_SMALL_D = TileConfig(64, 32, 4, 2, 32, 32, 32, 32, 4, 1)
-_FP32_CONFIG_LARGE_D = TileConfig(32, 32, 4, 1, 16, 32, 32, 16, 4, 1)
+_FP32_CONFIG_SMALL_D = TileConfig(64, 32, 4, 2, 32, 32, 4, 32, 32, 4, 1)
+_FP32_CONFIG_LARGE_D = TileConfig(32, 32, 4, 1, 16, 32, 4, 32, 16, 4, 1)
 
 _forced_config: TileConfig | None = None
 
@@ -486,7 +495,7 @@ def forced_tile_sizes(block_m: int, block_n: int, num_warps: int = 4, num_stages
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {value!r}")
     previous = _forced_config
     _forced_config = TileConfig(block_m, block_n, num_warps, num_stages, block_m, block_n,
-                                block_m, block_n, num_warps, num_stages)
+                                num_warps, block_m, block_n, num_warps, num_stages)
     try:
         yield _forced_config
     finally:
@@ -539,8 +548,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
         HAS_DLSE=dlse is not None)
 
     common = dict(GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                  DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.bwd_warps,
-                  num_stages=config.bwd_stages)
+                  DOT_PRECISION=_dot_precision(q.dtype), num_stages=config.bwd_stages)
     # -- dK, dV: one program per (key tile, kv head)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -551,7 +559,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n_queries, n_keys, scale * _LOG2E, scale,
         BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
-        COUNT_WORK=work_dkdv is not None, **common)
+        COUNT_WORK=work_dkdv is not None, num_warps=config.dkdv_warps, **common)
     # -- dQ: one program per (row tile, query head)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _attn_bwd_dq[(triton.cdiv(n_queries, config.dq_block_m), hq)](
@@ -561,7 +569,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         n_queries, n_keys, scale * _LOG2E, scale,
         BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
-        COUNT_WORK=work_dq is not None, **common)
+        COUNT_WORK=work_dq is not None, num_warps=config.dq_warps, **common)
     return dq, dk, dv
 
 
@@ -752,9 +760,9 @@ def aot_specs(arch: int | None = None) -> list:
                             config.fwd_warps, config.fwd_stages),
                     "preprocess": (dict(common, BLOCK_M=64, HAS_DLSE=False), 4, 1),
                     "dkdv": (dict(attn, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n),
-                             config.bwd_warps, config.bwd_stages),
+                             config.dkdv_warps, config.bwd_stages),
                     "dq": (dict(attn, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n),
-                           config.bwd_warps, config.bwd_stages),
+                           config.dq_warps, config.bwd_stages),
                 }
                 for name, (constexprs, warps, stages) in kernels.items():
                     kernel = _KERNELS[name]

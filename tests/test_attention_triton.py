@@ -27,13 +27,14 @@ from transfusion_fast.testing import TOLERANCES, transfusion_example
 #   each, about 1e-3 on unit-scale outputs): 2e-3 leaves a 2-4x margin.
 # * lse: fp32 in both cases and QK^T products are exact in fp32 for fp16 inputs, so only the
 #   summation order differs (~1e-6 measured): 1e-4 is a wide but still bug-catching bound.
-# * gradients: fp32 is accumulation order over up to ~40 keys × 3 products (~1e-5 measured on
-#   unit-scale gradients): 1e-4. fp16 rounds P and dS to fp16 before the dV, dK and dQ products
-#   (2^-11 relative per term) and stores the gradient in fp16; errors up to ~6e-3 were measured
-#   over the generated layouts on gradients of magnitude up to ~5: 2e-2 absolute + 2e-2 relative.
+# * gradients: fp32 is accumulation order over up to ~40 keys × 3 products (<= 1.5e-6 measured on
+#   gradients of magnitude up to 5): testing.TOLERANCES' 2e-5. fp16 rounds P and dS to fp16
+#   before the dV, dK and dQ products (2^-11 relative per term) and stores the gradient in fp16:
+#   <= 2.7e-3 measured over 15 generated layouts on gradients up to 5 in magnitude, and the error
+#   grows like sqrt(head_dim) up to D = 256: 2e-2 absolute + 2e-2 relative.
 OUT_TOL = {dtype: TOLERANCES[dtype] for dtype in (torch.float16, torch.float32, torch.bfloat16)}
 LSE_TOL = {torch.float16: (1e-4, 1e-5), torch.float32: (1e-4, 1e-5), torch.bfloat16: (1e-3, 1e-4)}
-GRAD_TOL = {torch.float16: (2e-2, 2e-2), torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-1, 5e-2)}
+GRAD_TOL = {torch.float16: (2e-2, 2e-2), torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-1, 5e-2)}
 SMALL_TILES = (16, 16)
 # Hypothesis tests cannot take the function-scoped ``triton_device`` fixture: same rule, inline.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
