@@ -462,6 +462,9 @@ _FP32_CONFIG_LARGE_D = TileConfig(32, 32, 4, 1, 16, 32, 4, 32, 16, 4, 1)
 _forced_config: TileConfig | None = None
 
 
+# torch.compile: the answer is a trace-time constant (dynamo would otherwise put the query in the
+# graph or break it); the device of a traced tensor cannot change without a recompile.
+@torch._dynamo.assume_constant_result
 def _gpu_arch(device: torch.device) -> int:
     """80 (Ampere-class) or 90 (Hopper and newer); the interpreter plans as for sm_80."""
     if device.type != "cuda":
