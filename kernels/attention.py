@@ -41,6 +41,14 @@ _LOG2E = 1.4426950408889634
 
 # ================================================================================== kernels
 @triton.jit
+def _store_work(WORK, slot, masked_tiles, unmasked_tiles):
+    """Work counter, WORK of shape (2, grid heads, grid tiles): [0] tiles computed, [1] of which
+    without mask arithmetic."""
+    tl.store(WORK + slot, masked_tiles + unmasked_tiles)
+    tl.store(WORK + tl.num_programs(0) * tl.num_programs(1) + slot, unmasked_tiles)
+
+
+@triton.jit
 def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt,
                    kv_start, kv_end, offs_n, offs_d, tile_lo, tile_hi, n_keys, qk_scale_log2,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -128,14 +136,15 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FU
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    count = 0
+    count = 0       # tiles computed with the element mask (COUNT_WORK only)
+    unmasked = 0    # tiles computed without any mask arithmetic
     acc, l_i, m_i, count = _fwd_tile_walk(
         acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt, kv_start, kv_end, offs_n,
         offs_d, kv_lo, full_lo, n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
         DOT_PRECISION, COUNT_WORK)
-    acc, l_i, m_i, count = _fwd_tile_walk(
-        acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt, kv_start, kv_end, offs_n,
-        offs_d, full_lo, full_hi, n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+    acc, l_i, m_i, unmasked = _fwd_tile_walk(
+        acc, l_i, m_i, unmasked, q, k_base, v_base, stride_kt, stride_vt, kv_start, kv_end,
+        offs_n, offs_d, full_lo, full_hi, n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False,
         DOT_PRECISION, COUNT_WORK)
     acc, l_i, m_i, count = _fwd_tile_walk(
         acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt, kv_start, kv_end, offs_n,
@@ -151,7 +160,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FU
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + head * n_queries + rows, lse, mask=row_ok)
     if COUNT_WORK:
-        tl.store(WORK + head * tl.num_programs(0) + pid_m, count)
+        _store_work(WORK, head * tl.num_programs(0) + pid_m, count, unmasked)
 
 
 @triton.jit
@@ -266,6 +275,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
     full_lo = tl.load(Q_FULL_LO + pid_n)
     full_hi = tl.maximum(full_lo, tl.minimum(tl.load(Q_FULL_HI + pid_n), n_queries // BLOCK_M))
     count = 0
+    unmasked = 0
     # -- the GQA group inside the program: a fixed summation order, no atomics
     for g in range(GROUP):
         head = kv_head * GROUP + g
@@ -277,8 +287,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
             dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
             KV_START, KV_END, cols, offs_m, offs_d, q_lo, full_lo, n_queries, qk_scale_log2,
             HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_PRECISION, COUNT_WORK)
-        dk, dv, count = _dkdv_tile_walk(
-            dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+        dk, dv, unmasked = _dkdv_tile_walk(
+            dk, dv, unmasked, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
             KV_START, KV_END, cols, offs_m, offs_d, full_lo, full_hi, n_queries, qk_scale_log2,
             HEAD_DIM, BLOCK_D, BLOCK_M, False, DOT_PRECISION, COUNT_WORK)
         dk, dv, count = _dkdv_tile_walk(
@@ -294,7 +304,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
              + (offs_n[:, None] * stride_dvt + offs_d[None, :]),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
     if COUNT_WORK:
-        tl.store(WORK + kv_head * tl.num_programs(0) + pid_n, count)
+        _store_work(WORK, kv_head * tl.num_programs(0) + pid_n, count, unmasked)
 
 
 @triton.jit
@@ -380,12 +390,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
     v_base = V + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     count = 0
+    unmasked = 0
     dq, count = _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                               kv_start, kv_end, offs_n, offs_d, kv_lo, full_lo, n_keys,
                               qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
                               COUNT_WORK)
-    dq, count = _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                              kv_start, kv_end, offs_n, offs_d, full_lo, full_hi, n_keys,
+    dq, unmasked = _dq_tile_walk(dq, unmasked, q, do, lse, delta, k_base, v_base, stride_kt,
+                                 stride_vt, kv_start, kv_end, offs_n, offs_d, full_lo, full_hi, n_keys,
                               qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
                               COUNT_WORK)
     dq, count = _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
@@ -397,7 +408,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
              + (offs_m[:, None] * stride_dqt + offs_d[None, :]),
              dq.to(DQ.dtype.element_ty), mask=q_mask)
     if COUNT_WORK:
-        tl.store(WORK + head * tl.num_programs(0) + pid_m, count)
+        _store_work(WORK, head * tl.num_programs(0) + pid_m, count, unmasked)
 
 
 # ================================================================================== tile sizes
@@ -684,10 +695,12 @@ def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 
                          device=None) -> dict:
     """Run the forward, dK/dV and dQ kernels in work-counting mode on random inputs.
 
-    Each program writes how many tiles it computed (per query head). Returns, per kernel,
-    ``{"computed": tiles the kernel computed, "minimal": layout.tile_counts(...)["computed"] ×
-    num_q_heads, "block": (block_m, block_n)}``: a block-sparse schedule without waste has
-    ``computed == minimal``.
+    Each program writes how many tiles it computed (per query head) and how many of them took
+    the path without mask arithmetic. Returns, per kernel, ``{"computed": tiles computed,
+    "unmasked": of which without mask arithmetic, "minimal": layout.tile_counts(...)["computed"]
+    × num_q_heads, "block": (block_m, block_n)}``: a block-sparse schedule without waste has
+    ``computed == minimal``; ``unmasked`` is every full tile except those cut by the end of the
+    sequence (the ragged last tile needs load bounds).
     """
     device = layout.device if device is None else torch.device(device)
     layout = layout if layout.device == device else layout.to(device)
@@ -698,17 +711,18 @@ def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 
     q = make(layout.num_queries, num_q_heads)
     k, v = make(layout.num_keys, num_kv_heads), make(layout.num_keys, num_kv_heads)
     scale = head_dim ** -0.5
-    # one slot per program: (heads of the grid, tiles of the grid)
-    work = {"fwd": torch.zeros(num_q_heads, fwd.num_m_tiles, dtype=torch.int32, device=device),
-            "dkdv": torch.zeros(num_kv_heads, dkdv.num_n_tiles, dtype=torch.int32, device=device),
-            "dq": torch.zeros(num_q_heads, dq.num_m_tiles, dtype=torch.int32, device=device)}
+    # (all tiles | unmasked tiles, heads of the grid, tiles of the grid): one slot per program
+    work = {"fwd": torch.zeros(2, num_q_heads, fwd.num_m_tiles, dtype=torch.int32, device=device),
+            "dkdv": torch.zeros(2, num_kv_heads, dkdv.num_n_tiles, dtype=torch.int32,
+                                device=device),
+            "dq": torch.zeros(2, num_q_heads, dq.num_m_tiles, dtype=torch.int32, device=device)}
     o, lse = _launch_forward(q, k, v, layout.kv_start, layout.kv_end, fwd.kv_lo, fwd.kv_hi,
                              fwd.kv_full_lo, fwd.kv_full_hi, scale, config, work["fwd"])
     _launch_backward(torch.randn(o.shape, generator=gen).to(device, dtype), None, q, k, v, o, lse,
                      layout.kv_start, layout.kv_end, dkdv.q_lo, dkdv.q_hi, dkdv.q_full_lo,
                      dkdv.q_full_hi, dq.kv_lo, dq.kv_hi, dq.kv_full_lo, dq.kv_full_hi, scale,
                      config, work["dkdv"], work["dq"])
-    return {name: {"computed": int(work[name].sum()),
+    return {name: {"computed": int(work[name][0].sum()), "unmasked": int(work[name][1].sum()),
                    "minimal": table.counts()["computed"] * num_q_heads,
                    "block": (table.block_m, table.block_n)}
             for name, table in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))}

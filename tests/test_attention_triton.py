@@ -106,6 +106,24 @@ def check_work_counter(layout, hq, hkv, device, block):
         assert counts[kernel]["block"] == block
         assert counts[kernel]["computed"] == minimal, (kernel, counts, layout)
         assert counts[kernel]["computed"] / minimal == 1.0
+        assert counts[kernel]["unmasked"] == _full_tiles_without_ragged_edge(
+            layout, block, by_rows=kernel != "dkdv") * hq, (kernel, counts, layout)
+
+
+def _full_tiles_without_ragged_edge(layout, block, by_rows):
+    """Full tiles, less those in the ragged last key tile (fwd/dQ walk key tiles) or the ragged
+    last query tile (dK/dV walks query tiles): the tiles that must skip all mask arithmetic."""
+    table = layout.tile_table(*block)
+    full = table.counts()["full"]
+    if by_rows:
+        lo, hi, ragged = table.kv_full_lo, table.kv_full_hi, layout.num_keys % block[1] != 0
+        last = table.num_n_tiles - 1
+    else:
+        lo, hi, ragged = table.q_full_lo, table.q_full_hi, layout.num_queries % block[0] != 0
+        last = table.num_m_tiles - 1
+    if not ragged:
+        return full
+    return full - int(((lo <= last) & (last < hi)).sum())
 
 
 # ------------------------------------------------------------------------- generated layouts
