@@ -20,6 +20,12 @@ through the masked path, where the element mask is also correct for it. Decode /
 ``triton_attention`` is registered as the custom ops ``transfusion_fast::triton_attention_fwd`` /
 ``_bwd`` with a fake implementation and autograd, so ``torch.compile`` traces it without a graph
 break.
+
+Tile sizes come from :func:`tile_config` (per head_dim, dtype and sm_80 / sm_90), overridable with
+:func:`forced_tile_sizes`; the tile tables are cached on the Layout per block size, so every layer
+reuses them. A ``COUNT_WORK`` constexpr makes each program record the tiles it computed
+(:func:`count_computed_tiles`); :func:`aot_specs` lists every shipped kernel config for
+:mod:`transfusion_fast.aot`.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from strategies import layouts
 
 import transfusion_fast
+import transfusion_fast.kernels.attention as kernels_attention
 from transfusion_fast import Layout
 from transfusion_fast.kernels.attention import (count_computed_tiles, forced_tile_sizes,
                                                 tile_config, triton_attention)
@@ -204,7 +205,19 @@ def test_gradients_are_deterministic(triton_device):
 
 
 # ------------------------------------------------------------------------- front and compile
-def test_front_dispatches_to_triton_and_compiles_without_graph_break(triton_device):
+def test_front_dispatches_to_triton_and_compiles_without_graph_break(triton_device, monkeypatch):
+    launches = {"forward": 0, "backward": 0}
+
+    def counted(name, launch):
+        def wrapper(*args, **kwargs):
+            launches[name] += 1
+            return launch(*args, **kwargs)
+        return wrapper
+
+    for name in launches:
+        attribute = f"_launch_{name}"
+        monkeypatch.setattr(kernels_attention, attribute,
+                            counted(name, getattr(kernels_attention, attribute)))
     layout = SPECIAL["single_token_documents"].to(triton_device)
     (q, k, v), leaves, w_o, w_lse = _inputs(layout, 2, 1, 32, torch.float32, triton_device, seed=3)
 
@@ -219,6 +232,7 @@ def test_front_dispatches_to_triton_and_compiles_without_graph_break(triton_devi
     with transfusion_fast.use_backend("reference"):
         ref_loss = step(q, k, v)
         ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    assert launches == {"forward": 1, "backward": 1}   # the kernels ran, not a fallback
     torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=1e-5)
     for got, ref in zip(grads, ref_grads):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
