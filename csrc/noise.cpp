@@ -14,19 +14,23 @@ namespace transfusion_fast {
 void check_q_sample_args(const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
                          const at::Tensor& sqrt_1m_ab);
 
+// An AVX2 clone beside the baseline one, picked at load time by CPU feature: no FMA in either
+// (and contraction is off), so both give the scalar recipe's bits.
+__attribute__((target_clones("avx2", "default")))
+void philox_normals_cpu(uint64_t seed, int64_t first, int64_t n, float* buf) {
+  const int64_t blocks = (n + 3) / 4, first_block = first / 4;
+  int64_t j = 0;
+  for (; j + lanes::kLanes <= blocks; j += lanes::kLanes) {
+    lanes::philox_normal4(seed, static_cast<uint64_t>(first_block + j), buf + 4 * j);
+  }
+  for (; j < blocks; ++j) philox_normal4(seed, static_cast<uint64_t>(first_block + j), buf + 4 * j);
+}
+
 namespace {
 
 // Elements per parallel work item: a multiple of 4 so every Philox block lies in one item, which
 // makes the noise independent of how the range is split between threads.
 constexpr int64_t kChunk = 1024;
-
-// Fills buf[0, n) with the normals of flat elements [first, first + n); first % 4 == 0.
-void philox_normals_cpu(uint64_t seed, int64_t first, int64_t n, float* buf) {
-  const int64_t blocks = (n + 3) / 4;
-  for (int64_t j = 0; j < blocks; ++j) {
-    philox_normal4(seed, static_cast<uint64_t>(first / 4 + j), buf + 4 * j);
-  }
-}
 
 template <typename scalar_t, bool GenerateNoise>
 void q_sample_cpu_kernel(const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,

@@ -73,10 +73,7 @@ void step_cpu_kernel(const std::vector<StepCoefficients>& coefficients, const at
         const opmath_t cz = static_cast<opmath_t>(c.noise);
         const bool with_noise = c.noise != 0.0;
         if (with_noise && !given_noise && !generated) {
-          const int64_t blocks = (end - begin + 3) / 4;
-          for (int64_t j = 0; j < blocks; ++j) {
-            philox_normal4(seed, static_cast<uint64_t>(begin / 4 + j), buf + 4 * j);
-          }
+          philox_normals_cpu(seed, begin, end - begin, buf);
           generated = true;
         }
         for (; i < row_end; ++i) {
