@@ -54,11 +54,16 @@ class Record:
         if entry not in self.unavailable:
             self.unavailable.append(entry)
 
-    def add_report(self, title: str, rows: list[dict], note: str = "") -> None:
+    def add_report(self, title: str, rows: list[dict], note: str = "",
+                   readme_rows: list[dict] | None = None) -> None:
+        """A side table; ``readme_rows``: a condensed form for the README (the JSON and the
+        terminal keep every row)."""
         report = self.reports.setdefault(title, {"note": note, "rows": []})
         report["rows"].extend(rows)
         if note:
             report["note"] = note
+        if readme_rows is not None:
+            report["readme_rows"] = readme_rows
 
     def as_dict(self) -> dict:
         return asdict(self)

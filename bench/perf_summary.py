@@ -65,7 +65,8 @@ def _ratio(metric: str, subject: dict, baseline: dict) -> float | None:
 
 
 def summarize(data: dict) -> list[dict]:
-    """One row per (subject, baseline) comparison declared in the records of ``data``."""
+    """One row per (subject, baseline) comparison declared in the records of ``data``; a
+    comparison whose baseline was not measured is kept only when it carries a goal."""
     records = [b for b in data.get("benchmarks", []) if "suite" in (b.get("extra_info") or {})]
     by_key = {(b["extra_info"]["suite"], b["extra_info"]["case"], b["extra_info"]["impl"]): b
               for b in records}
@@ -77,8 +78,10 @@ def summarize(data: dict) -> list[dict]:
         for comparison in info.get("compare") or []:
             key = (info["suite"], info["case"], comparison["baseline"])
             baseline = by_key.get(key)
-            ratio = _ratio(comparison["metric"], subject, baseline) if baseline else None
             goal = comparison.get("goal")
+            if baseline is None and goal is None:
+                continue    # listed under "not measured" with its reason; no goal hangs on it
+            ratio = _ratio(comparison["metric"], subject, baseline) if baseline else None
             if baseline is None:
                 note = f"baseline not measured: {unavailable.get(key, 'not run')}"
             else:
@@ -171,12 +174,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _report_tables(data: dict):
-    """(title, note, header, rows) of the non-timing reports, in a stable order."""
+def _report_tables(data: dict, condensed: bool = False):
+    """(title, note, header, rows) of the non-timing reports, in a stable order; ``condensed``
+    uses a report's ``readme_rows`` where it has them."""
     reports = ((data.get("transfusion_fast") or {}).get("reports") or {})
     for title in sorted(reports):
         report = reports[title]
         rows = report.get("rows") or []
+        if condensed and report.get("readme_rows") is not None:
+            rows = report["readme_rows"]
+            title = f"{title} (condensed; every row is in bench/results/latest.json)"
         header = []
         for r in rows:
             header += [k for k in r if k not in header]
@@ -223,8 +230,9 @@ def format_text(data: dict) -> str:
     return "\n\n".join(parts)
 
 
-def format_markdown(data: dict) -> str:
-    """The README "Performance" section (without the marker lines)."""
+def format_markdown(data: dict, heading: bool = True) -> str:
+    """The README "Performance" section (without the marker lines); ``heading=False`` leaves out
+    the ``## Performance`` title (when the README already has it above the markers)."""
     rows = summarize(data)
     head = run_header(data)
     state = ("GPU figures in this table come from " + head["device_name"] + "."
@@ -234,9 +242,7 @@ def format_markdown(data: dict) -> str:
              "**No GPU figures exist yet**: the Triton kernels are not timed on CPU "
              "(they only run under the interpreter there); on a CUDA machine the same command times "
              "them and reports TFLOP/s over visible elements and GB/s for memory-bound ops.")
-    lines = [
-        "## Performance",
-        "",
+    lines = (["## Performance", ""] if heading else []) + [
         f"Produced by `{head['command']}` on {head['device_name']} "
         f"(torch {head['torch']}, triton {head['triton']}), {head['datetime'][:19].replace('T', ' ')} UTC"
         + (f", commit {head['commit']}" if head["commit"] else "") + ".",
@@ -260,6 +266,6 @@ def format_markdown(data: dict) -> str:
     if unavailable:
         lines += ["", "### Not measured on this platform", "",
                   _md_table(["suite", "impl", "cases", "reason"], unavailable)]
-    for title, note, header, table in _report_tables(data):
+    for title, note, header, table in _report_tables(data, condensed=True):
         lines += ["", f"### {title}", ""] + ([note, ""] if note else []) + [_md_table(header, table)]
     return "\n".join(lines) + "\n"

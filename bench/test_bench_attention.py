@@ -279,8 +279,9 @@ def test_attention(benchmark, case: AttnCase, pass_: str, impl: str):
             flops=flops, compare=_compares(case, pass_) if impl == "ours" else (),
             rounds=5 if pass_ == "fwd" else 3, warmup=1, heads=case.heads, head_dim=case.head_dim,
             density=_state(case)["layout"].density(), tokens=_state(case)["layout"].num_queries)
-    if impl == "ours" and pass_ == "fwd":
-        st = _state(case)
+    st = _state(case)
+    # The fp32 dense oracle may materialize (heads, T, T) scores: check where that stays <= 1 GiB.
+    if impl == "ours" and pass_ == "fwd" and st["layout"].num_keys ** 2 * case.heads <= 2 ** 28:
         expected = dense_attention_oracle(st["q"].float(), st["k"].float(), st["v"].float(),
                                           st["layout"], case.head_dim ** -0.5)
         atol, rtol = TOLERANCES[case.dtype]

@@ -186,7 +186,7 @@ def test_csrc_op(benchmark, case: str, threads: int, impl: str):
         result = measure(benchmark, spec[impl], suite=SUITE, case=label,
                          impl="ours-compiled" if impl == "ours" else impl, dtype=DTYPE, threads=threads,
                          moved_bytes=moved, work=moved, work_unit="bytes", compare=compare,
-                         rounds=10, warmup=2)
+                         rounds=20, warmup=2)
     if impl == "copy":
         assert result.shape == (spec["copy"]().shape)
     elif impl == "ours":

@@ -174,7 +174,9 @@ def test_fused_op(benchmark, case: FusedCase, pass_: str, impl: str):
             compare=(Compare("eager"), Compare("compiled")) if impl == "ours" else (),
             rounds=10, warmup=1)
     expected = _runner(case.reference, case, pass_)()
-    tol = dict(atol=2e-2, rtol=2e-2) if DTYPE == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    # fp32 backward: weight gradients sum over every row, in a different order in compiled code.
+    tol = (dict(atol=2e-2, rtol=2e-2) if DTYPE == torch.bfloat16 else
+           dict(atol=1e-5, rtol=1e-5) if pass_ == "fwd" else dict(atol=1e-3, rtol=1e-4))
     for got, want in zip(result, expected):
         torch.testing.assert_close(got.float(), want.float(), **tol)
 

@@ -115,9 +115,17 @@ def test_static_kernel_report():
                                 f"`pytest bench/ --benchmark` continues from bench/results/aot_cache.json")
     failed = [r for r in rows if r["status"] != "ok"]
     spilled = [r for r in rows if r["status"] == "ok" and r["spills (st/ld B)"] != "0/0"]
-    RECORD.add_report(
-        "Static kernel report (AOT, ptxas -v)", rows,
-        f"{len(rows)} of {len(pairs)} shipped configs ({len(reports)} compiled in this run, "
-        f"{len(rows) - len(reports)} reused from bench/results/aot_cache.json for unchanged sources, "
-        f"{pending} pending); {len(failed)} failed to compile, {len(spilled)} spill registers"
-        + ("" if CONFIG.full else "; smoke run: one config per file, sm_80"))
+    per_file = {}
+    for r in rows:
+        per_file.setdefault((r["file"], r["arch"]), []).append(r)
+    readme_rows = [{"file": f, "arch": a, "configs": len(rs), "failed": sum(r["status"] != "ok" for r in rs),
+                    "with spills": sum(r["status"] == "ok" and r["spills (st/ld B)"] != "0/0" for r in rs),
+                    "max registers": max(r["registers"] for r in rs),
+                    "max shared B": max(r["shared B"] for r in rs),
+                    "with tensor cores": sum(r["tensor cores"] == "yes" for r in rs)}
+                   for (f, a), rs in sorted(per_file.items())]
+    note = (f"{len(rows)} of {len(pairs)} shipped configs ({len(reports)} compiled in this run, "
+            f"{len(rows) - len(reports)} reused from bench/results/aot_cache.json for unchanged "
+            f"sources, {pending} pending); {len(failed)} failed to compile, {len(spilled)} spill "
+            f"registers" + ("" if CONFIG.full else "; smoke run: one config per file, sm_80"))
+    RECORD.add_report("Static kernel report (AOT, ptxas -v)", rows, note, readme_rows=readme_rows)

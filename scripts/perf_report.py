@@ -24,9 +24,10 @@ import perf_summary  # noqa: E402
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 
-def render(data: dict) -> str:
-    """The section body (without the markers)."""
-    return perf_summary.format_markdown(data)
+def render(data: dict, heading: bool = False) -> str:
+    """The section body (without the markers; the README has the ``## Performance`` title above
+    them, so the title is only added when the section is printed on its own)."""
+    return perf_summary.format_markdown(data, heading=heading)
 
 
 def replace_section(readme: str, body: str) -> str | None:
@@ -48,13 +49,14 @@ def main(argv=None) -> int:
     if not args.json.exists():
         print(f"{args.json} does not exist: run `pytest bench/ --benchmark` first", file=sys.stderr)
         return 2
-    body = render(json.loads(args.json.read_text()))
+    data = json.loads(args.json.read_text())
+    body = render(data)
     readme = args.readme.read_text() if args.readme.exists() else ""
     updated = replace_section(readme, body)
     if updated is None:
         print(f"{args.readme}: no '{START}' ... '{END}' markers; the section is printed below "
               f"instead of written", file=sys.stderr)
-        sys.stdout.write(body)
+        sys.stdout.write(render(data, heading=True))
         return 1 if args.check else 0
     if args.check:
         if updated != readme:
