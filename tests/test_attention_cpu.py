@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from transfusion_fast import Layout, _ext, backend, ops
 from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS, attention_reference
-from transfusion_fast.ops._cpu_attention import CPU_BLOCK_M, CPU_BLOCK_N, cpu_attention
+from transfusion_fast.ops._cpu_attention import BACKWARD_BLOCKS, FORWARD_BLOCKS, cpu_attention
 from transfusion_fast.testing import (TOLERANCES, dense_attention_oracle, packed_documents_example,
                                       random_qkv, transfusion_example)
 
@@ -39,7 +39,8 @@ pytestmark = pytest.mark.skipif(not _ext.available(), reason="needs the compiled
 
 GRAD_TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-4, 1e-4),
             torch.float16: TOLERANCES[torch.float16], torch.bfloat16: TOLERANCES[torch.bfloat16]}
-BLOCKS = st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 32), (64, 64), (CPU_BLOCK_M, CPU_BLOCK_N)])
+BLOCKS = st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 32), (64, 64), FORWARD_BLOCKS,
+                         BACKWARD_BLOCKS])
 
 
 def _assert_close(actual, expected, tol, what):
@@ -59,8 +60,8 @@ def _reference_with_grads(q, k, v, layout, scale, grad_o, grad_lse):
     return (o.detach(), lse.detach(), *torch.autograd.grad(loss, (qr, kr, vr)))
 
 
-def _check_against_reference(layout, hq, hkv, d, dtype, block=(CPU_BLOCK_M, CPU_BLOCK_N), seed=0,
-                             qkv=None):
+def _check_against_reference(layout, hq, hkv, d, dtype, block=FORWARD_BLOCKS, seed=0, qkv=None,
+                             backward_block=BACKWARD_BLOCKS):
     scale = 1.0 / math.sqrt(d)
     if qkv is None:
         q, k, v = random_qkv(layout.num_queries, layout.num_keys, hq, hkv, d, dtype=dtype, seed=seed,
@@ -68,7 +69,7 @@ def _check_against_reference(layout, hq, hkv, d, dtype, block=(CPU_BLOCK_M, CPU_
         leaves = (q, k, v)
     else:
         (q, k, v), leaves = qkv
-    o, lse = cpu_attention(q, k, v, layout, scale, *block)
+    o, lse = cpu_attention(q, k, v, layout, scale, block, backward_block)
     assert o.dtype == dtype and o.shape == q.shape and lse.dtype == torch.float32
     assert lse.shape == (q.shape[1], q.shape[0])
     g = torch.Generator().manual_seed(seed + 1)
@@ -87,9 +88,11 @@ def _check_against_reference(layout, hq, hkv, d, dtype, block=(CPU_BLOCK_M, CPU_
 # ------------------------------------------------------------------------------ reference path
 @settings(max_examples=30)
 @given(layout=layouts(), group=st.sampled_from([1, 2, 4]), hkv=st.sampled_from([1, 2]),
-       d=st.sampled_from(SUPPORTED_HEAD_DIMS), block=BLOCKS, seed=st.integers(0, 2**16))
-def test_matches_reference_fp32(layout, group, hkv, d, block, seed):
-    _check_against_reference(layout[0], hkv * group, hkv, d, torch.float32, block, seed)
+       d=st.sampled_from(SUPPORTED_HEAD_DIMS), block=BLOCKS, backward_block=BLOCKS,
+       seed=st.integers(0, 2**16))
+def test_matches_reference_fp32(layout, group, hkv, d, block, backward_block, seed):
+    _check_against_reference(layout[0], hkv * group, hkv, d, torch.float32, block, seed,
+                             backward_block=backward_block)
 
 
 @settings(max_examples=15)
@@ -97,14 +100,15 @@ def test_matches_reference_fp32(layout, group, hkv, d, block, seed):
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float64]), block=BLOCKS,
        seed=st.integers(0, 2**16))
 def test_matches_reference_other_dtypes(layout, group, d, dtype, block, seed):
-    _check_against_reference(layout[0], 2 * group, 2, d, dtype, block, seed)
+    _check_against_reference(layout[0], 2 * group, 2, d, dtype, block, seed, backward_block=block)
 
 
 @pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_head_dim_on_a_transfusion_layout(d, dtype):
     # 3 images of 37 patches between 20 text tokens: spans straddle 32-row tile edges.
-    _check_against_reference(transfusion_example(3, 37, 20), 4, 2, d, dtype, (32, 32))
+    _check_against_reference(transfusion_example(3, 37, 20), 4, 2, d, dtype, (32, 32),
+                             backward_block=(16, 32))
 
 
 @pytest.mark.parametrize("kind", ["single_token_docs", "span_at_doc_edges", "decode"])
@@ -116,7 +120,7 @@ def test_edge_layouts(kind):
     else:
         layout = Layout.decode(torch.tensor([0, 50, 51, 120]), torch.tensor([3, 1, 17]),
                                torch.tensor([[10, 20], [110, 120]]))
-    _check_against_reference(layout, 4, 1, 64, torch.float32, (16, 16))
+    _check_against_reference(layout, 4, 1, 64, torch.float32, (16, 16), backward_block=(16, 16))
 
 
 # ------------------------------------------------------------------------------ dense oracle
@@ -126,7 +130,7 @@ def test_matches_dense_sdpa_oracle(layout, group, block, seed):
     layout = layout[0]
     q, k, v = random_qkv(layout.num_queries, layout.num_keys, 2 * group, 2, 32, seed=seed,
                          requires_grad=True)
-    o, _ = cpu_attention(q, k, v, layout, 0.3, *block)
+    o, _ = cpu_attention(q, k, v, layout, 0.3, block, block)
     grad_o = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), grad_o)
     want = dense_attention_oracle(q, k, v, layout, 0.3)
@@ -144,11 +148,12 @@ def test_strided_views_of_a_fused_qkv_tensor(hq, hkv):
     fused = torch.randn(t, hq + 2 * hkv, 64, requires_grad=True)   # one projection output
     q, k, v = fused[:, :hq], fused[:, hq:hq + hkv], fused[:, hq + hkv:]
     assert not q.is_contiguous() and q.stride(0) == (hq + 2 * hkv) * 64
-    _check_against_reference(layout, hq, hkv, 64, torch.float32, (32, 32), qkv=((q, k, v), (fused,)))
+    _check_against_reference(layout, hq, hkv, 64, torch.float32, (32, 32), qkv=((q, k, v), (fused,)),
+                             backward_block=(32, 32))
     # heads-major storage (H, T, D) viewed as (T, H, D): token stride D
     heads_major = torch.randn(hq, t, 64).transpose(0, 1).requires_grad_(True)
     kv = torch.randn(2, hkv, t, 64).transpose(1, 2)
-    _check_against_reference(layout, hq, hkv, 64, torch.float32, (32, 32),
+    _check_against_reference(layout, hq, hkv, 64, torch.float32, (32, 32), backward_block=(32, 32),
                              qkv=((heads_major, kv[0].requires_grad_(True), kv[1].requires_grad_(True)),
                                   (heads_major,)))
 
@@ -230,7 +235,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     t, h, d = layout.num_keys, 2, 64
     q, k, v = (torch.randn(t, h, d, requires_grad=True) for _ in range(3))
     grad_o = torch.randn(t, h, d)
-    layout.tile_table(64, 64)
+    layout.tile_table(128, 128), layout.tile_table(64, 128)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     o, lse = cpu_attention(q, k, v, layout, 0.125)
     o.backward(grad_o)
@@ -261,7 +266,7 @@ def test_bad_input_is_rejected_before_the_kernel():
     with pytest.raises(ValueError, match=r"q must have one of the dtypes .* got torch.int32"):
         cpu_attention(q.int(), k.int(), v.int(), layout, 0.1)
     with pytest.raises(ValueError, match="block_m must be a positive int, got 0"):
-        cpu_attention(q, k, v, layout, 0.1, 0, 32)
+        cpu_attention(q, k, v, layout, 0.1, (0, 32))
     table = layout.tile_table(16, 16)
     with pytest.raises(RuntimeError, match=r"kv_lo must be a contiguous int32 vector of 3 entries"):
         _ext.ops().attention_cpu_fwd(q, k, v, layout.kv_start, layout.kv_end, table.kv_lo[:2], table.kv_hi,

@@ -18,15 +18,15 @@ import torch
 from .. import _ext
 from ..layout import Layout
 
-__all__ = ["cpu_attention", "CPU_BLOCK_M", "CPU_BLOCK_N", "SUPPORTED_DTYPES"]
+__all__ = ["cpu_attention", "FORWARD_BLOCKS", "BACKWARD_BLOCKS", "SUPPORTED_DTYPES"]
 
-#: Tile sizes of the CPU kernels (query rows × keys): one BLAS call per tile must amortize its
-#: overhead, while partial tiles at span and document edges should waste little. Swept over
-#: {32, 64, 128, 256}² on a 2-thread AVX-512 Xeon (fp32, 8 heads, head_dim 64, T = 2,048
-#: Transfusion and packed-document layouts): 64 × 128 was best or within noise of it for forward
-#: and backward on both.
-CPU_BLOCK_M = 64
-CPU_BLOCK_N = 128
+#: Tile sizes (query rows, keys) of the forward and of the backward kernel: one BLAS call per tile
+#: must amortize its overhead, while partial tiles at span and document edges should waste little.
+#: Swept over {32, 64, 128, 256} x {64, 128, 256, 512} on a 2-thread AVX-512 Xeon (fp32, 8 heads,
+#: head_dim 64, T = 2,048 Transfusion and packed-document layouts): the forward (2 GEMMs per tile)
+#: gains from larger tiles, the backward (5 GEMMs, two tile buffers) is best at 64 x 128.
+FORWARD_BLOCKS = (128, 128)
+BACKWARD_BLOCKS = (64, 128)
 
 #: fp32 and fp64 run natively; fp16 / bf16 are converted to fp32 once and accumulate in fp32.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -41,15 +41,19 @@ def _cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_star
                       kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
                       kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, q_lo: torch.Tensor,
                       q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
-                      block_m: int, block_n: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (Tq, Hq, D) in q's dtype and lse (Hq, Tq) in the compute dtype (fp32, or fp64 for fp64)."""
+                      block_m: int, block_n: int, backward_block_m: int, backward_block_n: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (Tq, Hq, D) in q's dtype and lse (Hq, Tq) in the compute dtype (fp32, or fp64 for fp64).
+
+    kv_* is the row side of the (block_m, block_n) tile table; q_* the column side of the
+    (backward_block_m, backward_block_n) one, for the backward."""
     return _ext.ops().attention_cpu_fwd(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo,
                                         kv_full_hi, block_m, block_n, scale)
 
 
 @_cpu_attention_op.register_fake
 def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, q_lo, q_hi, q_full_lo,
-      q_full_hi, block_m, block_n, scale):
+      q_full_hi, block_m, block_n, backward_block_m, backward_block_n, scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_compute_dtype(q.dtype))
 
 
@@ -74,7 +78,7 @@ def _(grad_o, q, k, v, lse, delta, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_fu
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kv_start, kv_end = inputs[:5]
-    q_lo, q_hi, q_full_lo, q_full_hi, block_m, block_n, scale = inputs[9:]
+    q_lo, q_hi, q_full_lo, q_full_hi, _, _, block_m, block_n, scale = inputs[9:]
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi)
     ctx.block_m, ctx.block_n, ctx.scale = block_m, block_n, scale
@@ -90,28 +94,31 @@ def _backward(ctx, grad_o, grad_lse):
     dq, dk, dv = _cpu_attention_backward_op(grad_o.contiguous(), q, k, v, lse, delta.contiguous(),
                                             kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
                                             ctx.block_m, ctx.block_n, ctx.scale)
-    return (dq, dk, dv) + (None,) * 13
+    return (dq, dk, dv) + (None,) * 15
 
 
 _cpu_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
-                  block_m: int = CPU_BLOCK_M, block_n: int = CPU_BLOCK_N):
+                  forward_blocks: tuple[int, int] = FORWARD_BLOCKS,
+                  backward_blocks: tuple[int, int] = BACKWARD_BLOCKS):
     """Block-sparse attention on CPU tensors: ``(o (Tq, Hq, D) in q's dtype, lse (Hq, Tq) float32)``.
 
     Inputs are expected to be validated by ``transfusion_fast.ops.attention`` (packed
     ``(T, H, D)``, ``Hq % Hkv == 0``, unit stride on ``D``). Differentiable w.r.t. q, k, v (and
-    through the returned LSE). ``block_m`` / ``block_n`` select the tile table; the defaults are
-    the tuned ones.
+    through the returned LSE). ``forward_blocks`` / ``backward_blocks`` are the (rows, keys) tile
+    sizes of the two kernels; the defaults are the tuned ones.
     """
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"cpu_attention: q must have one of the dtypes {SUPPORTED_DTYPES}, got {q.dtype}")
     if q.device.type != "cpu" or layout.device.type != "cpu":
         raise ValueError(f"cpu_attention needs CPU tensors and a CPU layout, got q on {q.device} and "
                          f"the layout on {layout.device}")
-    table = layout.tile_table(block_m, block_n)
-    o, lse = _cpu_attention_op(q, k, v, layout.kv_start, layout.kv_end, table.kv_lo, table.kv_hi,
-                               table.kv_full_lo, table.kv_full_hi, table.q_lo, table.q_hi,
-                               table.q_full_lo, table.q_full_hi, block_m, block_n, float(scale))
+    rows = layout.tile_table(*forward_blocks)
+    cols = layout.tile_table(*backward_blocks)
+    o, lse = _cpu_attention_op(q, k, v, layout.kv_start, layout.kv_end, rows.kv_lo, rows.kv_hi,
+                               rows.kv_full_lo, rows.kv_full_hi, cols.q_lo, cols.q_hi, cols.q_full_lo,
+                               cols.q_full_hi, rows.block_m, rows.block_n, cols.block_m, cols.block_n,
+                               float(scale))
     return o, lse.float()
