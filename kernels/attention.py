@@ -107,7 +107,8 @@ def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt
 
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, WORK,
-              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+              stride_ot, stride_oh,
               n_queries, n_keys, qk_scale_log2,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -402,9 +403,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
                               qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
                               COUNT_WORK)
     dq, unmasked = _dq_tile_walk(dq, unmasked, q, do, lse, delta, k_base, v_base, stride_kt,
-                                 stride_vt, kv_start, kv_end, offs_n, offs_d, full_lo, full_hi, n_keys,
-                              qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
-                              COUNT_WORK)
+                                 stride_vt, kv_start, kv_end, offs_n, offs_d, full_lo, full_hi,
+                                 n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+                                 DOT_PRECISION, COUNT_WORK)
     dq, count = _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                               kv_start, kv_end, offs_n, offs_d, full_hi, kv_hi, n_keys,
                               qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
@@ -523,6 +524,11 @@ def forced_tile_sizes(block_m: int, block_n: int, num_warps: int = 4, num_stages
 
 
 # ================================================================================== launchers
+def _preprocess_block_m(block_d: int) -> int:
+    # rows per delta program: 4096 elements of O and of dO per program keep it spill-free
+    return max(16, min(128, 4096 // block_d))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get IEEE products: the fp32 path must match the reference to fp32 accuracy.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -561,7 +567,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
 
     # -- delta = rowsum(dO * O) - dLSE
     delta = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
-    pre_block = 64
+    pre_block = _preprocess_block_m(block_d)
     _attn_bwd_preprocess[(triton.cdiv(n_queries, pre_block), hq)](
         o, do, delta if dlse is None else dlse, delta, o.stride(0), o.stride(1), do.stride(0),
         do.stride(1), n_queries, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
@@ -668,8 +674,8 @@ def _check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, layout: Layout) -> No
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride on head_dim, got strides {t.stride()}")
     if layout.device != q.device:
-        raise ValueError(f"layout is on {layout.device} but q is on {q.device}: the kernels read the "
-                         f"tile tables in place (call layout.to(q.device))")
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}: the kernels read "
+                         f"the tile tables in place (call layout.to(q.device))")
 
 
 def _tables(layout: Layout, config: TileConfig) -> tuple[TileTable, TileTable, TileTable]:
@@ -781,7 +787,8 @@ def aot_specs(arch: int | None = None) -> list:
                 kernels = {
                     "fwd": (dict(attn, BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n),
                             config.fwd_warps, config.fwd_stages),
-                    "preprocess": (dict(common, BLOCK_M=64, HAS_DLSE=False), 4, 1),
+                    "preprocess": (dict(common, BLOCK_M=_preprocess_block_m(block_d),
+                                        HAS_DLSE=False), 4, 1),
                     "dkdv": (dict(attn, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n),
                              config.dkdv_warps, config.bwd_stages),
                     "dq": (dict(attn, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n),

@@ -86,7 +86,8 @@ def check_against_reference(layout, hq, hkv, head_dim, dtype, device, *, fused=F
     assert o.dtype == dtype and o.shape == (layout.num_queries, hq, head_dim)
     assert lse.dtype == torch.float32 and lse.shape == (hq, layout.num_queries)
     atol, rtol = OUT_TOL[dtype]
-    torch.testing.assert_close(o.float(), ref_o, atol=atol, rtol=rtol, msg=lambda m: f"o {what}: {m}")
+    torch.testing.assert_close(o.float(), ref_o, atol=atol, rtol=rtol,
+                               msg=lambda m: f"o {what}: {m}")
     atol, rtol = LSE_TOL[dtype]
     torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=rtol, msg=lambda m: f"lse {what}: {m}")
     atol, rtol = GRAD_TOL[dtype]
