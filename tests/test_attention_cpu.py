@@ -35,8 +35,6 @@ from transfusion_fast.testing import (TOLERANCES, dense_attention_oracle, packed
 
 from strategies import layouts
 
-pytestmark = pytest.mark.skipif(not _ext.available(), reason="needs the compiled extension")
-
 GRAD_TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-4, 1e-4),
             torch.float16: TOLERANCES[torch.float16], torch.bfloat16: TOLERANCES[torch.bfloat16]}
 BLOCKS = st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 32), (64, 64), FORWARD_BLOCKS,
