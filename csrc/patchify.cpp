@@ -1,8 +1,8 @@
 // patchify / unpatchify (batched and packed): schemas, validation, CPU kernels.
 // CPU: at::parallel_for over image rows (b, hp, py); each row is one of three loops picked by the
-// strides: channels-last (p*C contiguous elements per patch: memcpy), channels-first (one contiguous
-// source row per channel, written with stride C: the compiler unrolls it for p = 1, 2, 4, 8) or
-// any other strides (element by element).
+// strides: channels-last (p*C contiguous elements per patch: memcpy), channels-first with
+// p = 1, 2, 4, 8 (patch features written in order from C sequential channel streams, unrolled over
+// px) or any other strides (element by element).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -74,13 +74,49 @@ inline void move(T* image_element, T* patch_element) {
   if constexpr (ToPatches) *patch_element = *image_element; else *image_element = *patch_element;
 }
 
-// One channel row of a channels-first image (contiguous along w) to or from its patch features.
+// One image row of a channels-first image (contiguous along w, channels sc apart) to or from its
+// patch features, walking the written side in order: patchify writes the patch features in order
+// from C sequential channel streams, unpatchify writes each channel row in order.
+// CT > 0: the channel count known at compile time (fully unrolled inner loops), else C.
+template <typename T, bool ToPatches, int P, int CT>
+inline void channels_first_row(T* img_row, int64_t sc, T* patch_base, int64_t Wp, int64_t D, int64_t runtime_C) {
+  const int64_t C = CT > 0 ? CT : runtime_C;
+  if constexpr (ToPatches) {
+    for (int64_t wp = 0; wp < Wp; ++wp) {
+      T* in = img_row + wp * P;
+      T* out = patch_base + wp * D;
+      for (int px = 0; px < P; ++px) {
+        for (int64_t c = 0; c < C; ++c) out[px * C + c] = in[px + c * sc];
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      T* out = img_row + c * sc;
+      T* in = patch_base + c;
+      for (int64_t wp = 0; wp < Wp; ++wp) {
+        for (int px = 0; px < P; ++px) out[wp * P + px] = in[wp * D + px * C];
+      }
+    }
+  }
+}
+
 template <typename T, bool ToPatches, int P>
-inline void channel_row(T* src_row, T* dst, int64_t Wp, int64_t D, int64_t C) {
-  for (int64_t wp = 0; wp < Wp; ++wp) {
-    T* in = src_row + wp * P;
-    T* out = dst + wp * D;
-    for (int px = 0; px < P; ++px) move<T, ToPatches>(in + px, out + px * C);
+inline void channels_first_dispatch_c(T* img_row, T* patch_base, const PatchGeometry& g) {
+  switch (g.C) {
+    case 1: channels_first_row<T, ToPatches, P, 1>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
+    case 3: channels_first_row<T, ToPatches, P, 3>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
+    case 4: channels_first_row<T, ToPatches, P, 4>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
+    default: channels_first_row<T, ToPatches, P, 0>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
+  }
+}
+
+template <typename T, bool ToPatches>
+inline void channels_first_dispatch(T* img_row, T* patch_base, const PatchGeometry& g) {
+  switch (g.p) {
+    case 1: channels_first_dispatch_c<T, ToPatches, 1>(img_row, patch_base, g); break;
+    case 2: channels_first_dispatch_c<T, ToPatches, 2>(img_row, patch_base, g); break;
+    case 4: channels_first_dispatch_c<T, ToPatches, 4>(img_row, patch_base, g); break;
+    default: channels_first_dispatch_c<T, ToPatches, 8>(img_row, patch_base, g); break;
   }
 }
 
@@ -101,19 +137,8 @@ void patch_rows_cpu(T* img, T* patches, const PatchGeometry& g) {
           T* features = patch_base + wp * g.D;
           if (ToPatches) std::memcpy(features, pixels, bytes); else std::memcpy(pixels, features, bytes);
         }
-      } else if (g.sw == 1) {
-        for (int64_t c = 0; c < g.C; ++c) {
-          T* src = img_row + c * g.sc;
-          T* dst = patch_base + c;
-          switch (g.p) {
-            case 1: channel_row<T, ToPatches, 1>(src, dst, g.Wp, g.D, g.C); break;
-            case 2: channel_row<T, ToPatches, 2>(src, dst, g.Wp, g.D, g.C); break;
-            case 4: channel_row<T, ToPatches, 4>(src, dst, g.Wp, g.D, g.C); break;
-            case 8: channel_row<T, ToPatches, 8>(src, dst, g.Wp, g.D, g.C); break;
-            default:
-              for (int64_t w = 0; w < g.W; ++w) move<T, ToPatches>(src + w, dst + (w / g.p) * g.D + (w % g.p) * g.C);
-          }
-        }
+      } else if (g.sw == 1 && (g.p == 1 || g.p == 2 || g.p == 4 || g.p == 8)) {
+        channels_first_dispatch<T, ToPatches>(img_row, patch_base, g);
       } else {
         for (int64_t w = 0; w < g.W; ++w) {
           T* out = patch_base + (w / g.p) * g.D + (w % g.p) * g.C;
