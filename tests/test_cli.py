@@ -9,7 +9,6 @@ import pytest
 
 from transfusion_fast.checkpoint import load_checkpoint
 from transfusion_fast.cli import main
-from transfusion_fast.metrics import write_png  # noqa: F401  (the PNG writer the outputs use)
 
 TINY = ["--dim", "64", "--depth", "1", "--heads", "4", "--batch-size", "6", "--threads", "1",
         "--backend", "reference", "--no-progress"]

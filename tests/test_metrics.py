@@ -91,7 +91,7 @@ def test_lps_matches_for_identical_training_data():
 
 
 def test_metric_inputs_are_validated():
-    with pytest.raises(ValueError, match=r"real and synthetic windows must have the same \(length, features\)"):
+    with pytest.raises(ValueError, match=r"windows must have the same \(length, features\)"):
         metrics.discriminative_score(_sine(10, 1), _sine(10, 1, length=12), iterations=1)
     with pytest.raises(ValueError, match="real must be"):
         metrics.discriminative_score(np.zeros((5, 4)), _sine(10, 1), iterations=1)

@@ -25,9 +25,9 @@ __all__ = ["main", "build_parser", "DEFAULTS"]
 
 # The defaults of each task: the budget the README's figures were measured with.
 DEFAULTS = {
-    "digits": {"steps": 1500, "batch_size": 48, "lr": 2e-3, "dim": 128, "depth": 4, "heads": 4,
+    "digits": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "dim": 96, "depth": 3, "heads": 3,
                "sample_steps": 50, "cfg_scale": 3.0},
-    "sine": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "dim": 128, "depth": 4, "heads": 4,
+    "sine": {"steps": 2000, "batch_size": 32, "lr": 2e-3, "dim": 64, "depth": 2, "heads": 4,
              "sample_steps": 50, "cfg_scale": 1.0},
 }
 DEFAULTS["csv"] = DEFAULTS["sine"]

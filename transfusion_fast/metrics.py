@@ -23,7 +23,8 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["DigitClassifier", "digit_classifier", "conditional_accuracy", "captioning_accuracy", "frechet_distance",
+__all__ = ["DigitClassifier", "digit_classifier", "conditional_accuracy", "captioning_accuracy",
+           "frechet_distance",
            "discriminative_score", "predictive_score", "write_png", "digit_grid_png", "pca_png"]
 
 
@@ -152,7 +153,8 @@ def _train(model, loss_fn, inputs, targets, iterations, batch_size, seed):
 def discriminative_score(real, synthetic, iterations: int = 2000, hidden: int | None = None,
                          batch_size: int = 128, seed: int = 0) -> float:
     """LDS: |held-out accuracy − 0.5| of a GRU classifier trained to tell real from synthetic
-    windows ``(N, L, F)`` (both sets cut to the smaller size, 80/20 split of each). 0 = indistinguishable, 0.5 = fully separable.
+    windows ``(N, L, F)`` (both sets cut to the smaller size, 80/20 split of each).
+    0 = indistinguishable, 0.5 = fully separable.
     ``hidden`` defaults to max(F // 2, 1), TimeGAN's choice."""
     real, synthetic = _check_windows("real", real), _check_windows("synthetic", synthetic)
     if real.shape[1:] != synthetic.shape[1:]:
@@ -236,7 +238,8 @@ def digit_grid_png(path: str, images, rows: int, scale: int = 4, gap: int = 1) -
     for i in range(x.shape[0]):
         r, c = divmod(i, cols)
         big = np.kron(pixels[i], np.ones((scale, scale), dtype=np.uint8))
-        canvas[gap + r * cell: gap + r * cell + size * scale, gap + c * cell: gap + c * cell + size * scale] = big
+        top, left = gap + r * cell, gap + c * cell
+        canvas[top:top + size * scale, left:left + size * scale] = big
     write_png(path, canvas)
 
 

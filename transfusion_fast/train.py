@@ -157,7 +157,8 @@ class DigitsTask:
         real = self.data.test_images
         return {
             "task": self.name,
-            "conditional_accuracy": metrics.conditional_accuracy(classifier, saved["images"], saved["labels"]),
+            "conditional_accuracy": metrics.conditional_accuracy(classifier, saved["images"],
+                                                                 saved["labels"]),
             "captioning_accuracy": metrics.captioning_accuracy(saved["captions"], saved["caption_labels"]),
             "frechet_distance": metrics.frechet_distance(classifier.features(real),
                                                          classifier.features(saved["images"])),
@@ -289,7 +290,8 @@ def task_from_checkpoint(path: str, device="cpu"):
     model, info = load_checkpoint(path, map_location="cpu")
     spec = info["extra"].get("task")
     if not spec:
-        raise ValueError(f"checkpoint {path!r} holds no task description (not written by transfusion-fast train)")
+        raise ValueError(f"checkpoint {path!r} holds no task description (it was not written by "
+                         f"transfusion-fast train)")
     return make_task(spec), model.to(device), info
 
 
