@@ -18,6 +18,9 @@
 // words (0, 1) become lanes 0 and 1 (r cos, r sin), words (2, 3) lanes 2 and 3.
 #include <cstdint>
 #include <cstring>
+#if !defined(__CUDACC__) && defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #pragma GCC optimize("fp-contract=off", "no-math-errno")
@@ -196,14 +199,14 @@ TF_HD void philox_normal4(uint64_t seed, uint64_t block, float out[4]) {
 }
 
 #if !defined(__CUDACC__)
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
 // ------------------------------------------------------------------ CPU lanes of the same recipe
 // philox_normal4 for kLanes consecutive blocks at once, written with GCC vector extensions so the
 // CPU kernels run it in SIMD registers. Operation for operation the scalar code above (the tests
 // assert bit equality with the reference twin, which mirrors the scalar code).
 // Casts between these same-size vector types reinterpret the bits (GCC vector extensions).
+// Every function here is always_inline, so the 32-byte-vector calling convention never applies
+// (GCC still warns about it, at the definitions and at the SIMD-clone callers: silenced).
+#pragma GCC diagnostic ignored "-Wpsabi"
 namespace lanes {
 constexpr int kLanes = 8;
 typedef uint32_t U32 __attribute__((vector_size(4 * kLanes)));

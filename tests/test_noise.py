@@ -58,7 +58,8 @@ def test_box_muller_polynomials_agree_with_libm_to_float32_rounding():
     words = philox4x32_10_reference(torch.stack([blocks, zeros, zeros, zeros], 1), torch.stack([zeros + 9, zeros], 1))
     u1 = ((words[:, 0] >> 8) + 1).double() * 2.0 ** -24
     m2 = words[:, 1] >> 8
-    angle = (m2 >> 22).double() * (math.pi / 2) + (((m2 & 0x3FFFFF) - 0x200000).double() + 0.5) * (math.pi / 2) / 2 ** 22
+    theta = (((m2 & 0x3FFFFF) - 0x200000).double() + 0.5) * (math.pi / 2) / 2 ** 22
+    angle = (m2 >> 22).double() * (math.pi / 2) + theta
     radius = (-2 * u1.log()).sqrt()
     got = philox_normal_reference(9, numel).reshape(-1, 4).double()
     torch.testing.assert_close(got[:, 0], radius * angle.cos(), atol=4e-6, rtol=4e-7)
@@ -195,7 +196,8 @@ def _bad(**change):
 
 
 @pytest.mark.parametrize("args,error,match", [
-    (_bad(timesteps=torch.tensor([0, 1000])), ValueError, r"timesteps must lie in \[0, 1000\), got values from 0 to 1000"),
+    (_bad(timesteps=torch.tensor([0, 1000])), ValueError,
+     r"timesteps must lie in \[0, 1000\), got values from 0 to 1000"),
     (_bad(timesteps=torch.tensor([-1, 3])), ValueError, r"timesteps must lie in \[0, 1000\)"),
     (_bad(timesteps=torch.tensor([0, 1, 2])), ValueError, r"one entry per row, shape \(2,\), got \(3,\)"),
     (_bad(timesteps=torch.tensor([0.0, 1.0])), ValueError, "timesteps must be an int32/int64 tensor"),

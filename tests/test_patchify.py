@@ -22,7 +22,8 @@ def _layout(images, layout):
 
 def _bits(tensor):
     """Element bits, to compare any dtype (float8 included) exactly."""
-    return tensor.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+    same_size = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return tensor.contiguous().view(same_size[tensor.element_size()])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])

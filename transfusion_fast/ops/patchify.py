@@ -63,8 +63,8 @@ def check_patchify_packed_inputs(images, p: int) -> None:
     first = images[0]
     for i, image in enumerate(images):
         if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
-            raise ValueError(f"images[{i}] must be a floating-point (C, H, W) tensor, got "
-                             f"{(image.dtype, tuple(image.shape)) if isinstance(image, torch.Tensor) else type(image).__name__}")
+            got = (image.dtype, tuple(image.shape)) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"images[{i}] must be a floating-point (C, H, W) tensor, got {got}")
         if image.shape[0] != first.shape[0] or image.dtype != first.dtype or image.device != first.device:
             raise ValueError(f"images[{i}] must match images[0] in channels, dtype and device "
                              f"(C={first.shape[0]}, {first.dtype}, {first.device}), got C={image.shape[0]}, "
@@ -77,8 +77,8 @@ def check_patchify_packed_inputs(images, p: int) -> None:
 def check_unpatchify_packed_inputs(patches, offsets, p: int, sizes) -> None:
     _check_patch_size(p)
     if not isinstance(patches, torch.Tensor) or patches.dim() != 2 or not patches.is_floating_point():
-        raise ValueError(f"patches must be a floating-point (total_patches, p*p*C) tensor, got "
-                         f"{(patches.dtype, tuple(patches.shape)) if isinstance(patches, torch.Tensor) else type(patches).__name__}")
+        got = (patches.dtype, tuple(patches.shape)) if isinstance(patches, torch.Tensor) else type(patches).__name__
+        raise ValueError(f"patches must be a floating-point (total_patches, p*p*C) tensor, got {got}")
     if patches.shape[1] % (p * p):
         raise ValueError(f"the last dim of patches must be p*p*C = a multiple of {p * p}, got {patches.shape[1]}")
     if not isinstance(sizes, (list, tuple)) or not sizes or not all(
