@@ -472,10 +472,14 @@ _HALF_CONFIGS = {
     for dim, size in ((16, "small"), (32, "small"), (64, "small"), (96, "medium"),
                       (128, "medium"), (256, "large"))
 }
-# fp32 inputs use IEEE fp32 dots (no tensor cores, no TF32 rounding): the exact-math path, with
-# tiles sized for twice the bytes per element.
-_FP32_CONFIG_SMALL_D = TileConfig(64, 32, 4, 2, 32, 32, 4, 32, 32, 4, 1)
-_FP32_CONFIG_LARGE_D = TileConfig(32, 32, 4, 1, 16, 32, 4, 32, 16, 4, 1)
+# fp32 inputs use IEEE fp32 dots (no tensor cores, no TF32 rounding): the exact-math path. Its
+# FMA-based dot needs far more registers per tile than mma, hence small tiles (spill-free on
+# sm_80 and sm_90a, checked with the same AOT compile, not part of aot_specs()).
+_FP32_CONFIGS = {
+    "small": TileConfig(32, 32, 8, 1, 16, 32, 4, 32, 16, 4, 1),
+    "medium": TileConfig(32, 16, 8, 1, 16, 16, 4, 32, 16, 8, 1),
+    "large": TileConfig(16, 16, 8, 1, 16, 16, 8, 16, 16, 8, 1),
+}
 
 _forced_config: TileConfig | None = None
 
@@ -499,7 +503,7 @@ def tile_config(head_dim: int, dtype: torch.dtype, arch: int = 80) -> TileConfig
     if _forced_config is not None:
         return _forced_config
     if dtype == torch.float32:
-        return _FP32_CONFIG_SMALL_D if head_dim <= 64 else _FP32_CONFIG_LARGE_D
+        return _FP32_CONFIGS["small" if head_dim <= 64 else "medium" if head_dim <= 128 else "large"]
     key = (90 if arch >= 90 else 80, int(head_dim))
     if key not in _HALF_CONFIGS or dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"no Triton attention config for head_dim={head_dim}, dtype={dtype}, "
