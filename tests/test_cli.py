@@ -84,6 +84,8 @@ def test_bad_arguments(tmp_path):
         main(["train", "--out", str(tmp_path / "empty"), "--resume", "--steps", "1", *TINY])
     with pytest.raises(SystemExit):
         main(["train", "--backend", "cuda-magic"])
+    with pytest.raises(SystemExit, match="--threads must be a positive int, got 0"):
+        main(["train", "--out", str(tmp_path), "--threads", "0"])
 
 
 def test_module_entry_point_help():
