@@ -64,12 +64,11 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return float(scale)
 
 
-def _reference_from_intervals(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens, scale):
-    """The reference computation on the layout's tensors; see :func:`attention_reference`."""
-    hq, hkv = q.shape[1], k.shape[1]
-    group = hq // hkv
+def _documents(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens):
+    """Per document with query rows: its row/key ranges, q/k/v as (Hq, L, D) in the compute dtype
+    (k and v repeated over each GQA group), and its (Lq, Lk) visibility mask."""
+    group = q.shape[1] // k.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    outs, lses = [], []
     q_cu, kv_cu = q_cu_seqlens.tolist(), cu_seqlens.tolist()
     for d in range(len(kv_cu) - 1):
         q0, q1, k0, k1 = q_cu[d], q_cu[d + 1], kv_cu[d], kv_cu[d + 1]
@@ -80,6 +79,13 @@ def _reference_from_intervals(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlen
         vd = v[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)
         cols = torch.arange(k0, k1, device=q.device)
         visible = (cols[None, :] >= kv_start[q0:q1, None]) & (cols[None, :] < kv_end[q0:q1, None])
+        yield (q0, q1, k0, k1), qd, kd, vd, visible
+
+
+def _reference_from_intervals(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens, scale):
+    """The reference computation on the layout's tensors; see :func:`attention_reference`."""
+    outs, lses = [], []
+    for _, qd, kd, vd, visible in _documents(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens):
         scores = (qd @ kd.transpose(1, 2)) * scale                                  # (Hq, Lq, Lk)
         scores = scores.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)                                       # (Hq, Lq)
@@ -95,27 +101,17 @@ def _reference_backward_from_intervals(grad_o, grad_lse, q, k, v, kv_start, kv_e
     dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O) + dLSE), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO, with the
     query heads of a GQA group summed into their shared key/value head.
     """
-    hq, hkv = q.shape[1], k.shape[1]
-    group = hq // hkv
+    hkv, group = k.shape[1], q.shape[1] // k.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=k.device)
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
-    q_cu, kv_cu = q_cu_seqlens.tolist(), cu_seqlens.tolist()
-    for d in range(len(kv_cu) - 1):
-        q0, q1, k0, k1 = q_cu[d], q_cu[d + 1], kv_cu[d], kv_cu[d + 1]
-        if q1 == q0:
-            continue
-        qd = q[q0:q1].to(compute).transpose(0, 1)                                   # (Hq, Lq, D)
-        kd = k[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)   # (Hq, Lk, D)
-        vd = v[k0:k1].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)
+    for (q0, q1, k0, k1), qd, kd, vd, visible in _documents(q, k, v, kv_start, kv_end, cu_seqlens,
+                                                            q_cu_seqlens):
         dod = grad_o[q0:q1].to(compute).transpose(0, 1)                             # (Hq, Lq, D)
-        cols = torch.arange(k0, k1, device=q.device)
-        visible = (cols[None, :] >= kv_start[q0:q1, None]) & (cols[None, :] < kv_end[q0:q1, None])
         scores = ((qd @ kd.transpose(1, 2)) * scale).masked_fill(~visible, float("-inf"))
         p = torch.softmax(scores, dim=-1)                                           # (Hq, Lq, Lk)
-        od = p @ vd
-        delta = (dod * od).sum(-1, keepdim=True) - grad_lse[:, q0:q1, None].to(compute)
+        delta = (dod * (p @ vd)).sum(-1, keepdim=True) - grad_lse[:, q0:q1, None].to(compute)
         ds = p * (dod @ vd.transpose(1, 2) - delta)
         dq[q0:q1] = (ds @ kd).transpose(0, 1) * scale
         dk_d = (ds.transpose(1, 2) @ qd) * scale                                    # (Hq, Lk, D)
