@@ -384,6 +384,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
   return {out, lse};
 }
 
+// Rows per backward GEMM: consecutive visited query tiles of a key tile are merged up to this many
+// rows (measured on the 2-thread AVX-512 Xeon, T = 2,048 Transfusion layout, block 64 x 128:
+// 256 rows ~5% faster forward+backward than one GEMM per 64-row tile; 128, 512 and 2,048 slower).
+constexpr int64_t kBackwardGemmRows = 256;
+
 template <typename T>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& lse, const at::Tensor& delta,
@@ -422,13 +427,18 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     work[t] = prefix[bounds[c + 1]] - prefix[bounds[c]];
   }
 
+  // Consecutive visited query tiles of a key tile are contiguous rows: their products run as one
+  // GEMM of up to kBackwardGemmRows rows (fewer, larger BLAS calls), while the tile table still
+  // skips invisible work at block_m granularity.
+  const int64_t tiles_per_gemm = std::max<int64_t>(1, kBackwardGemmRows / g.bm);
+  const int64_t max_rows = tiles_per_gemm * g.bm;
   run_tasks(heaviest_first(work), [&]() {
-    auto tiles = std::make_shared<std::vector<T>>(2 * g.bm * g.bn + 2 * g.bn * g.d);
+    auto tiles = std::make_shared<std::vector<T>>(2 * max_rows * g.bn + 2 * g.bn * g.d);
     return [=, &g, &bounds](int64_t t) {
       const int64_t hk = t / num_chunks, c = t % num_chunks;
       T* P = tiles->data();
-      T* dS = P + g.bm * g.bn;
-      T* dK = dS + g.bm * g.bn;
+      T* dS = P + max_rows * g.bn;
+      T* dK = dS + max_rows * g.bn;
       T* dV = dK + g.bn * g.d;
       T* dq = dqp + c * dq_part_size;
       for (int64_t n = bounds[c]; n < bounds[c + 1]; ++n) {
@@ -438,9 +448,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         const T* vt_t = vtp + hk * skt + c0;
         std::fill(dK, dK + 2 * g.bn * g.d, T(0));
         for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
-          for (int64_t m = q_lo[n]; m < q_hi[n]; ++m) {
-            const int64_t r0 = m * g.bm, rows = std::min(g.bm, g.tq - r0);
-            const bool full = m >= q_full_lo[n] && m < q_full_hi[n];
+          for (int64_t mb = q_lo[n]; mb < q_hi[n]; mb += tiles_per_gemm) {
+            const int64_t me = std::min<int64_t>(mb + tiles_per_gemm, q_hi[n]);
+            const int64_t r0 = mb * g.bm, rows = std::min(me * g.bm, g.tq) - r0;
+            const bool full = mb >= q_full_lo[n] && me <= q_full_hi[n];
             const T* qt = qp + r0 * sq0 + h * sq1;
             const T* dot = dop + r0 * sdo0 + h * sdo1;
             gemm(kN, kN, cols, rows, g.d, scale, kt_t, g.tk, qt, sq0, T(0), P, g.bn);     // S
