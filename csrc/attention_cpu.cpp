@@ -178,32 +178,26 @@ TF_INLINE void softmax_tile_forward(T* S, int64_t ld, int64_t rows, int64_t cols
   }
 }
 
-// Backward: S (scores) becomes P = exp(S - lse) in place, 0 outside the visible columns.
+// Backward, one pass per tile: S (scores) becomes P = exp(S - lse), 0 outside the visible columns,
+// and dP becomes dS = P * (dP - delta).
 template <typename T>
-TF_INLINE void probs_tile_backward(T* S, int64_t ld, int64_t rows, int64_t cols,
-                                   const int32_t* kv_start, const int32_t* kv_end, int64_t col0,
-                                   const T* lse) {
+TF_INLINE void probs_dscores_tile(T* S, T* dP, int64_t ld, int64_t rows, int64_t cols,
+                                  const int32_t* kv_start, const int32_t* kv_end, int64_t col0,
+                                  const T* lse, const T* delta) {
   for (int64_t i = 0; i < rows; ++i) {
     T* s = S + i * ld;
+    T* dp = dP + i * ld;
     int64_t lo, hi;
     visible_cols(kv_start, kv_end, i, col0, cols, lo, hi);
-    const T l = lse[i];
-    for (int64_t j = 0; j < lo; ++j) s[j] = T(0);
+    const T l = lse[i], dl = delta[i];
+    for (int64_t j = 0; j < lo; ++j) s[j] = dp[j] = T(0);
 #pragma omp simd
-    for (int64_t j = lo; j < hi; ++j) s[j] = exp_approx(s[j] - l);
-    for (int64_t j = hi; j < cols; ++j) s[j] = T(0);
-  }
-}
-
-// Backward: dP (rows x cols) becomes dS = P * (dP - delta).
-template <typename T>
-TF_INLINE void dscores_tile(const T* P, T* dP, int64_t ld, int64_t rows, int64_t cols, const T* delta) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* p = P + i * ld;
-    T* dp = dP + i * ld;
-    const T dl = delta[i];
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) dp[j] = p[j] * (dp[j] - dl);
+    for (int64_t j = lo; j < hi; ++j) {
+      const T p = exp_approx(s[j] - l);
+      s[j] = p;
+      dp[j] = p * (dp[j] - dl);
+    }
+    for (int64_t j = hi; j < cols; ++j) s[j] = dp[j] = T(0);
   }
 }
 
@@ -212,14 +206,10 @@ TF_MULTIVERSION void softmax_tile_forward_f32(float* S, int64_t ld, int64_t rows
                                               float* mx, float* sum, float* acc, int64_t d) {
   softmax_tile_forward<float>(S, ld, rows, cols, ks, ke, col0, mx, sum, acc, d);
 }
-TF_MULTIVERSION void probs_tile_backward_f32(float* S, int64_t ld, int64_t rows, int64_t cols,
-                                             const int32_t* ks, const int32_t* ke, int64_t col0,
-                                             const float* lse) {
-  probs_tile_backward<float>(S, ld, rows, cols, ks, ke, col0, lse);
-}
-TF_MULTIVERSION void dscores_tile_f32(const float* P, float* dP, int64_t ld, int64_t rows, int64_t cols,
-                                      const float* delta) {
-  dscores_tile<float>(P, dP, ld, rows, cols, delta);
+TF_MULTIVERSION void probs_dscores_tile_f32(float* S, float* dP, int64_t ld, int64_t rows, int64_t cols,
+                                            const int32_t* ks, const int32_t* ke, int64_t col0,
+                                            const float* lse, const float* delta) {
+  probs_dscores_tile<float>(S, dP, ld, rows, cols, ks, ke, col0, lse, delta);
 }
 
 // Typed entry points: fp32 goes to the multiversioned clones, fp64 to the plain template.
@@ -231,19 +221,13 @@ void softmax_fwd(double* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks,
                  int64_t c0, double* mx, double* sum, double* acc, int64_t d) {
   softmax_tile_forward<double>(S, ld, r, c, ks, ke, c0, mx, sum, acc, d);
 }
-void probs_bwd(float* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
-               int64_t c0, const float* lse) {
-  probs_tile_backward_f32(S, ld, r, c, ks, ke, c0, lse);
+void probs_dscores(float* S, float* dP, int64_t ld, int64_t r, int64_t c, const int32_t* ks,
+                   const int32_t* ke, int64_t c0, const float* lse, const float* delta) {
+  probs_dscores_tile_f32(S, dP, ld, r, c, ks, ke, c0, lse, delta);
 }
-void probs_bwd(double* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
-               int64_t c0, const double* lse) {
-  probs_tile_backward<double>(S, ld, r, c, ks, ke, c0, lse);
-}
-void dscores(const float* P, float* dP, int64_t ld, int64_t r, int64_t c, const float* delta) {
-  dscores_tile_f32(P, dP, ld, r, c, delta);
-}
-void dscores(const double* P, double* dP, int64_t ld, int64_t r, int64_t c, const double* delta) {
-  dscores_tile<double>(P, dP, ld, r, c, delta);
+void probs_dscores(double* S, double* dP, int64_t ld, int64_t r, int64_t c, const int32_t* ks,
+                   const int32_t* ke, int64_t c0, const double* lse, const double* delta) {
+  probs_dscores_tile<double>(S, dP, ld, r, c, ks, ke, c0, lse, delta);
 }
 
 // Runs task(order[t]) for every t on all intra-op threads, handing out tasks dynamically in the
@@ -466,11 +450,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             const T* qt = qp + r0 * sq0 + h * sq1;
             const T* dot = dop + r0 * sdo0 + h * sdo1;
             gemm(kN, kN, cols, rows, g.d, scale, kt_t, g.tk, qt, sq0, T(0), P, g.bn);     // S
-            probs_bwd(P, g.bn, rows, cols, full ? nullptr : kv_start + r0, kv_end + r0, c0,
-                      lp + h * g.tq + r0);                                             // P
-            gemm(kN, kT, g.d, cols, rows, T(1), dot, sdo0, P, g.bn, T(1), dV, g.d);     // dV += P^T dO
             gemm(kN, kN, cols, rows, g.d, T(1), vt_t, g.tk, dot, sdo0, T(0), dS, g.bn);  // dP = dO V^T
-            dscores(P, dS, g.bn, rows, cols, deltap + h * g.tq + r0);                  // dS
+            probs_dscores(P, dS, g.bn, rows, cols, full ? nullptr : kv_start + r0, kv_end + r0, c0,
+                          lp + h * g.tq + r0, deltap + h * g.tq + r0);                 // P, dS
+            gemm(kN, kT, g.d, cols, rows, T(1), dot, sdo0, P, g.bn, T(1), dV, g.d);     // dV += P^T dO
             gemm(kN, kT, g.d, cols, rows, scale, qt, sq0, dS, g.bn, T(1), dK, g.d);     // dK += dS^T Q
             gemm(kN, kN, g.d, rows, cols, scale, kt, sk0, dS, g.bn, T(1),
                  dq + r0 * sdq0 + h * g.d, sdq0);                                      // dQ += dS K
