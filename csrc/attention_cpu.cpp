@@ -14,6 +14,10 @@
 // count or on scheduling (deterministic). P is recomputed from the LSE and dS = P * (dP - delta) with
 // delta = rowsum(dO * O) (minus the gradient of the LSE, when the LSE itself is differentiated).
 //
+// Consecutive visited tiles are contiguous in memory (keys of a row tile in the forward, query rows
+// of a key tile in the backward), so each task merges runs of them into one wider BLAS call
+// (kForwardGemmCols / kBackwardGemmRows); the tile table still decides, per tile, what is skipped.
+//
 // Inner products go through ATen's CPU BLAS (MKL / OpenBLAS sgemm on tile views, no copies for
 // fp32/fp64 inputs with any token/head stride); the softmax elementwise work is vectorized by the
 // compiler (omp simd) and compiled for AVX-512 / AVX2 / baseline x86 with runtime selection.
