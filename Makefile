@@ -19,6 +19,7 @@ install: $(VENV)/.deps
 
 test: install
 	$(VPY) -m pytest tests bench -q -rs $(PYTEST_ARGS)
+	$(VPY) scripts/perf_report.py --check
 
 bench: install
 	$(VPY) -m pytest bench/ --benchmark
