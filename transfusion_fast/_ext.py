@@ -22,12 +22,22 @@ def available() -> bool:
     return _load()[0] is not None
 
 
-def ops():
-    """``torch.ops.transfusion_fast`` with the compiled kernels registered, or a clear error."""
+_attached: set = set()
+
+
+def ops(attach_python_kernels=None):
+    """``torch.ops.transfusion_fast`` with the compiled kernels registered, or a clear error.
+
+    ``attach_python_kernels``: a function registering the Python autograd formulas and fake
+    kernels of some of those ops; it runs once, the first time the extension is there to receive it.
+    """
     module, error = _load()
     if module is None:
         raise RuntimeError(f"transfusion_fast._C (the compiled C++/CUDA extension) is not built: "
                            f"{BUILD_HINT}. Import failed with: {error}")
+    if attach_python_kernels is not None and attach_python_kernels not in _attached:
+        attach_python_kernels()
+        _attached.add(attach_python_kernels)
     return torch.ops.transfusion_fast
 
 

@@ -249,22 +249,18 @@ def _fake_q_sample_philox(x0, timesteps, sqrt_ab, sqrt_1m_ab, seed):
             torch.empty_like(x0, memory_format=torch.contiguous_format))
 
 
-_registered = False
+def _attach_python_kernels():
+    """Autograd formulas and fake (meta) kernels of the compiled ops above (run once)."""
+    torch.library.register_autograd("transfusion_fast::q_sample", _backward_q_sample,
+                                    setup_context=_setup_q_sample)
+    torch.library.register_autograd("transfusion_fast::q_sample_philox", _backward_q_sample_philox,
+                                    setup_context=_setup_q_sample)
+    torch.library.register_fake("transfusion_fast::q_sample", _fake_q_sample)
+    torch.library.register_fake("transfusion_fast::q_sample_philox", _fake_q_sample_philox)
 
 
 def _compiled():
-    """torch.ops.transfusion_fast with autograd and fake kernels of the noise ops attached once."""
-    global _registered
-    ops = _ext.ops()
-    if not _registered:
-        torch.library.register_autograd("transfusion_fast::q_sample", _backward_q_sample,
-                                        setup_context=_setup_q_sample)
-        torch.library.register_autograd("transfusion_fast::q_sample_philox", _backward_q_sample_philox,
-                                        setup_context=_setup_q_sample)
-        torch.library.register_fake("transfusion_fast::q_sample", _fake_q_sample)
-        torch.library.register_fake("transfusion_fast::q_sample_philox", _fake_q_sample_philox)
-        _registered = True
-    return ops
+    return _ext.ops(_attach_python_kernels)
 
 
 def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, schedule: Schedule,

@@ -183,28 +183,24 @@ def _fake_unpatchify_packed(patches, p, heights, widths):
     return [patches.new_empty(channels, h, w) for h, w in zip(heights, widths)]
 
 
-_registered = False
+def _attach_python_kernels():
+    """Autograd formulas and fake (meta) kernels of the compiled ops above (run once)."""
+    torch.library.register_autograd("transfusion_fast::patchify", _backward_patchify,
+                                    setup_context=_setup_patchify)
+    torch.library.register_autograd("transfusion_fast::unpatchify", _backward_unpatchify,
+                                    setup_context=_setup_unpatchify)
+    torch.library.register_autograd("transfusion_fast::patchify_packed", _backward_patchify_packed,
+                                    setup_context=_setup_patchify_packed)
+    torch.library.register_autograd("transfusion_fast::unpatchify_packed", _backward_unpatchify_packed,
+                                    setup_context=_setup_unpatchify_packed)
+    torch.library.register_fake("transfusion_fast::patchify_packed", _fake_patchify_packed)
+    torch.library.register_fake("transfusion_fast::unpatchify_packed", _fake_unpatchify_packed)
+    torch.library.register_fake("transfusion_fast::patchify", _fake_patchify)
+    torch.library.register_fake("transfusion_fast::unpatchify", _fake_unpatchify)
 
 
 def _compiled():
-    """torch.ops.transfusion_fast with autograd and fake (meta) kernels attached once."""
-    global _registered
-    ops = _ext.ops()
-    if not _registered:
-        torch.library.register_autograd("transfusion_fast::patchify", _backward_patchify,
-                                        setup_context=_setup_patchify)
-        torch.library.register_autograd("transfusion_fast::unpatchify", _backward_unpatchify,
-                                        setup_context=_setup_unpatchify)
-        torch.library.register_autograd("transfusion_fast::patchify_packed", _backward_patchify_packed,
-                                        setup_context=_setup_patchify_packed)
-        torch.library.register_autograd("transfusion_fast::unpatchify_packed", _backward_unpatchify_packed,
-                                        setup_context=_setup_unpatchify_packed)
-        torch.library.register_fake("transfusion_fast::patchify_packed", _fake_patchify_packed)
-        torch.library.register_fake("transfusion_fast::unpatchify_packed", _fake_unpatchify_packed)
-        torch.library.register_fake("transfusion_fast::patchify", _fake_patchify)
-        torch.library.register_fake("transfusion_fast::unpatchify", _fake_unpatchify)
-        _registered = True
-    return ops
+    return _ext.ops(_attach_python_kernels)
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:

@@ -141,17 +141,14 @@ def _fake_ddim_step(x_t, model_out, uncond_out, t, t_prev, alphas_cumprod, predi
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
-_registered = False
+def _attach_python_kernels():
+    """Fake (meta) kernels of the compiled sampler ops (run once; the steps have no gradient)."""
+    torch.library.register_fake("transfusion_fast::ddpm_step", _fake_ddpm_step)
+    torch.library.register_fake("transfusion_fast::ddim_step", _fake_ddim_step)
 
 
 def _compiled():
-    global _registered
-    ops = _ext.ops()
-    if not _registered:
-        torch.library.register_fake("transfusion_fast::ddpm_step", _fake_ddpm_step)
-        torch.library.register_fake("transfusion_fast::ddim_step", _fake_ddim_step)
-        _registered = True
-    return ops
+    return _ext.ops(_attach_python_kernels)
 
 
 def ddpm_step(x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
