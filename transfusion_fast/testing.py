@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .layout import Layout
 
-__all__ = ["dense_attention_oracle", "transfusion_example", "packed_documents_example",
+__all__ = ["compile_without_spills", "dense_attention_oracle", "transfusion_example", "packed_documents_example",
            "TOLERANCES", "random_qkv"]
 
 #: (atol, rtol) for comparing a kernel's output with the reference path computed in float32.
@@ -66,3 +66,17 @@ def packed_documents_example(total: int, num_docs: int, seed: int = 0, causal: b
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), cuts.sort().values,
                     torch.tensor([total])]).to(torch.int32).to(device)
     return Layout.causal(cu) if causal else Layout.bidirectional(cu)
+
+
+def compile_without_spills(specs) -> list:
+    """AOT-compile ``specs`` (:class:`transfusion_fast.aot.KernelSpec`) for sm_80 and sm_90a and assert
+    that every config compiled, without register spills, within the 255-register limit."""
+    from .aot import compile_report
+
+    reports = compile_report(specs)
+    assert len(reports) == 2 * len(specs)
+    bad = [(r.label, r.arch, r.error or f"spills {r.spill_stores}/{r.spill_loads}") for r in reports if not r.ok]
+    assert not bad, bad
+    assert {r.arch for r in reports} == {"sm_80", "sm_90a"}
+    assert all(0 < r.registers <= 255 for r in reports)
+    return reports
