@@ -13,6 +13,7 @@ namespace transfusion_fast {
 
 void check_q_sample_args(const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
                          const at::Tensor& sqrt_1m_ab);
+void check_q_sample_noise(const at::Tensor& x0, const at::Tensor& noise);
 
 // An AVX2 clone beside the baseline one, picked at load time by CPU feature: no FMA in either
 // (and contraction is off), so both give the scalar recipe's bits.
@@ -90,12 +91,16 @@ void check_q_sample_args(const at::Tensor& x0, const at::Tensor& timesteps, cons
   }
 }
 
+void check_q_sample_noise(const at::Tensor& x0, const at::Tensor& noise) {
+  TORCH_CHECK(noise.sizes() == x0.sizes() && noise.scalar_type() == x0.scalar_type() &&
+                  noise.device() == x0.device(),
+              "q_sample: noise must match x0 in shape, dtype and device");
+}
+
 at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
                         const at::Tensor& sqrt_1m_ab, const at::Tensor& noise_in) {
   check_q_sample_args(x0_in, timesteps, sqrt_ab, sqrt_1m_ab);
-  TORCH_CHECK(noise_in.sizes() == x0_in.sizes() && noise_in.scalar_type() == x0_in.scalar_type() &&
-                  noise_in.device() == x0_in.device(),
-              "q_sample: noise must match x0 in shape, dtype and device");
+  check_q_sample_noise(x0_in, noise_in);
   const at::Tensor x0 = x0_in.contiguous(), noise = noise_in.contiguous();
   at::Tensor x_t = at::empty_like(x0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {

@@ -15,6 +15,7 @@ namespace transfusion_fast {
 
 void check_q_sample_args(const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& sqrt_ab,
                          const at::Tensor& sqrt_1m_ab);
+void check_q_sample_noise(const at::Tensor& x0, const at::Tensor& noise);
 
 // Kernels stay outside anonymous namespaces: nvcc's host stubs for templated kernels fail there.
 
@@ -92,9 +93,7 @@ at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& timesteps, c
                          const at::Tensor& sqrt_1m_ab, const at::Tensor& noise_in) {
   c10::cuda::CUDAGuard guard(x0_in.device());
   check_q_sample_args(x0_in, timesteps, sqrt_ab, sqrt_1m_ab);
-  TORCH_CHECK(noise_in.sizes() == x0_in.sizes() && noise_in.scalar_type() == x0_in.scalar_type() &&
-                  noise_in.device() == x0_in.device(),
-              "q_sample: noise must match x0 in shape, dtype and device");
+  check_q_sample_noise(x0_in, noise_in);
   const at::Tensor x0 = x0_in.contiguous(), noise = noise_in.contiguous();
   at::Tensor x_t = at::empty_like(x0);
   launch_q_sample(x0, timesteps, sqrt_ab, sqrt_1m_ab, &noise, nullptr, x_t, 0);
