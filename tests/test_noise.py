@@ -235,3 +235,6 @@ def test_cuda_philox_known_answers_and_noise_bitwise_equal_cpu():
         assert torch.equal(cpu[1], gpu[1].cpu()) and torch.equal(cpu[0], gpu[0].cpu())
         given = add_noise(x0.cuda(), t.cuda(), SCHEDULE, noise=cpu[1].cuda())[0]
         assert torch.equal(given.cpu(), cpu[0])
+    # the reference twin runs on CUDA tensors too, and gives the same bits there
+    assert torch.equal(philox_normal_reference(7, 4099, device="cuda").cpu(),
+                       philox_normal_reference(7, 4099))

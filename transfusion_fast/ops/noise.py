@@ -143,7 +143,7 @@ def _log_unit_reference(u: torch.Tensor) -> torch.Tensor:
     exponent = exponent - low.to(torch.int32)
     x = torch.where(low, mantissa + mantissa, mantissa) - 1.0
     z = x * x
-    y = _f32(7.0376836292E-2).expand_as(x)
+    y = torch.full_like(x, _f32(7.0376836292E-2))   # on x's device: the reference runs on CUDA too
     for c in (-1.1514610310E-1, 1.1676998740E-1, -1.2420140846E-1, 1.4249322787E-1, -1.6668057665E-1,
               2.0000714765E-1, -2.4999993993E-1, 3.3333331174E-1):
         y = y * x + _f32(c)
