@@ -458,19 +458,28 @@ _MEDIUM_D = dict(_SMALL_D, fwd_stages=1, dkdv_warps=8, dq_warps=8)
 _LARGE_D = dict(fwd_block_m=64, fwd_block_n=32, fwd_warps=8, fwd_stages=1, dkdv_block_m=32,
                 dkdv_block_n=32, dkdv_warps=8, dq_block_m=16, dq_block_n=32, dq_warps=4,
                 bwd_stages=1)
-# sm_90 (wgmma) needs more registers per tile at D >= 96: narrower key tiles there; it has 228 KB
-# of shared memory against 164 KB on sm_80, hence the deeper forward pipeline at small D.
+# sm_90: measured on an H100 (scripts/tune_attention_gpu.py, bf16, the 16k-token Transfusion layout
+# of the attention bench, one kernel varied at a time): 64-row forward tiles with 4 warps and a
+# 3-stage pipeline beat 128-row ones at D = 64 and 128 (fewer partial tiles per row, more
+# programs); square 64 x 64 backward tiles at D = 64; at D = 128 dK/dV keeps 32 query rows per step
+# (64 spills) and dQ takes 64 keys. D = 96 pads to 128 but spills in two of those: 128 x 64 x 8
+# warps forward (within 3% of the best at D = 128) and 64 x 32 dQ.
+_SM90_D64 = dict(fwd_block_m=64, fwd_block_n=64, fwd_warps=4, fwd_stages=3, dkdv_block_m=64,
+                 dkdv_block_n=64, dkdv_warps=4, dq_block_m=64, dq_block_n=64, dq_warps=4,
+                 bwd_stages=2)
+_SM90_D128 = dict(_SM90_D64, dkdv_block_m=32)
 _SM90 = {
-    "small": dict(_SMALL_D, fwd_stages=3),
-    "medium": dict(_MEDIUM_D, fwd_block_n=32, dkdv_block_n=32, dkdv_warps=4),
+    "small": _SM90_D64,
+    "medium": dict(_SM90_D128, fwd_block_m=128, fwd_warps=8, dq_block_n=32),
+    "d128": _SM90_D128,
     "large": dict(_LARGE_D, fwd_block_m=32, dkdv_warps=8, dq_warps=8),
 }
-_SM80 = {"small": _SMALL_D, "medium": _MEDIUM_D, "large": _LARGE_D}
+_SM80 = {"small": _SMALL_D, "medium": _MEDIUM_D, "d128": _MEDIUM_D, "large": _LARGE_D}
 _HALF_CONFIGS = {
     (arch, dim): TileConfig(**table[size])
     for arch, table in ((80, _SM80), (90, _SM90))
     for dim, size in ((16, "small"), (32, "small"), (64, "small"), (96, "medium"),
-                      (128, "medium"), (256, "large"))
+                      (128, "d128"), (256, "large"))
 }
 # fp32 inputs use IEEE fp32 dots (no tensor cores, no TF32 rounding): the exact-math path. Its
 # FMA-based dot needs far more registers per tile than mma, hence small tiles (spill-free on
@@ -604,25 +613,23 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
 
 
 # ================================================================================== custom ops
+# Two opaque ops (torch.compile traces around them) joined by an autograd.Function. The Function,
+# rather than ``register_autograd`` on the forward op, keeps the host-side cost per call low: the
+# library's autograd wrapper re-reads the op schema for every argument on each call (~85 µs of
+# Python per forward here, more on a GPU machine's slower cores), which on an H100 left the GPU
+# idle between the forward and the backward kernels of a 2k-token layer.
 @torch.library.custom_op("transfusion_fast::triton_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
                       kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
-                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, bwd_q_lo: torch.Tensor,
-                      bwd_q_hi: torch.Tensor, bwd_q_full_lo: torch.Tensor,
-                      bwd_q_full_hi: torch.Tensor, bwd_kv_lo: torch.Tensor,
-                      bwd_kv_hi: torch.Tensor, bwd_kv_full_lo: torch.Tensor,
-                      bwd_kv_full_hi: torch.Tensor, scale: float,
+                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, scale: float,
                       tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward. The ``bwd_*`` tables (dK/dV and dQ tilings) are inputs only so that autograd can
-    save them: the forward kernel does not read them."""
+    """Forward: (o, lse)."""
     return _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale,
                            TileConfig.from_list(tiles))
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, bwd_q_lo, bwd_q_hi,
-      bwd_q_full_lo, bwd_q_full_hi, bwd_kv_lo, bwd_kv_hi, bwd_kv_full_lo, bwd_kv_full_hi, scale,
-      tiles):
+def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale, tiles):
     return (q.new_empty(q.shape),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -647,25 +654,29 @@ def _(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    (q, k, v, kv_start, kv_end, _, _, _, _, q_lo, q_hi, q_full_lo, q_full_hi, kv_lo, kv_hi,
-     kv_full_lo, kv_full_hi, scale, tiles) = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
-                          kv_lo, kv_hi, kv_full_lo, kv_full_hi)
-    ctx.scale = scale
-    ctx.tiles = tiles
+class _TritonAttention(torch.autograd.Function):
+    """o, lse = attention(q, k, v); the dK/dV and dQ tile tables ride along for the backward."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, kv_start, kv_end, fwd: TileTable, dkdv: TileTable, dq: TileTable,
+                scale: float, tiles: list[int]):
+        o, lse = _attention_fwd_op(q, k, v, kv_start, kv_end, fwd.kv_lo, fwd.kv_hi,
+                                   fwd.kv_full_lo, fwd.kv_full_hi, scale, tiles)
+        ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, dkdv.q_lo, dkdv.q_hi,
+                              dkdv.q_full_lo, dkdv.q_full_hi, dq.kv_lo, dq.kv_hi, dq.kv_full_lo,
+                              dq.kv_full_hi)
+        ctx.scale, ctx.tiles = scale, tiles
+        # an unused output's gradient stays None: no zero-filled dLSE is read by the kernels
+        ctx.set_materialize_grads(False)
+        return o, lse
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *tables = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(o)
-    dq, dk, dv = _attention_bwd_op(do, dlse, q, k, v, o, lse, *tables, ctx.scale, ctx.tiles)
-    return (dq, dk, dv) + (None,) * 16
-
-
-_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, *tables = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _attention_bwd_op(do, dlse, q, k, v, o, lse, *tables, ctx.scale, ctx.tiles)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # ================================================================================== public
@@ -699,11 +710,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     _check_kernel_inputs(q, k, layout)
     config = tile_config(q.shape[2], q.dtype, _gpu_arch(q.device))
     fwd, dkdv, dq = _tables(layout, config)
-    return _attention_fwd_op(q, k, v, layout.kv_start, layout.kv_end,
-                             fwd.kv_lo, fwd.kv_hi, fwd.kv_full_lo, fwd.kv_full_hi,
-                             dkdv.q_lo, dkdv.q_hi, dkdv.q_full_lo, dkdv.q_full_hi,
-                             dq.kv_lo, dq.kv_hi, dq.kv_full_lo, dq.kv_full_hi,
-                             float(scale), config.as_list())
+    return _TritonAttention.apply(q, k, v, layout.kv_start, layout.kv_end, fwd, dkdv, dq,
+                                  float(scale), config.as_list())
 
 
 def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 2,
@@ -770,6 +778,14 @@ def _signature(kernel, data_type: str, constexprs: dict) -> dict:
     return signature
 
 
+def _divisible_by_16(signature: dict) -> tuple:
+    """What the JIT specializes as multiples of 16 for packed inputs: every tensor pointer (torch
+    allocations are 16-byte aligned) and every stride (each supported head_dim is a multiple of
+    16, hence so are the token and head strides of packed and fused-qkv tensors)."""
+    return tuple(name for name, kind in signature.items()
+                 if kind.startswith("*") or name.startswith("stride_"))
+
+
 def aot_specs(arch: int | None = None) -> list:
     """Every shipped kernel config as a :class:`transfusion_fast.aot.KernelSpec`, labelled.
 
@@ -802,9 +818,11 @@ def aot_specs(arch: int | None = None) -> list:
                     kernel = _KERNELS[name]
                     blocks = (f" {constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}"
                               if "BLOCK_N" in constexprs else "")
+                    signature = _signature(kernel, data_type, constexprs)
                     specs.append(KernelSpec(
                         module=__name__, kernel=kernel.fn.__name__,
-                        signature=_signature(kernel, data_type, constexprs), constexprs=constexprs,
+                        signature=signature, constexprs=constexprs,
                         num_warps=warps, num_stages=stages,
+                        divisible_by_16=_divisible_by_16(signature),
                         label=f"{name} d{head_dim} {data_type}{blocks} w{warps}s{stages} @sm{gen}"))
     return specs

@@ -10,8 +10,10 @@
 #                    the machine's own torch/Triton may differ
 #   tune             scripts/tune_attention_gpu.py: tile-size sweep, $OUT/tune.json
 #   tune-combined    the same for whole configs, through ops.attention: $OUT/tune-combined.json
-#   bench-attention  `pytest bench/test_bench_attention.py --benchmark` (TFLOP/s, vs SDPA/Flex)
-#   bench-rest       the other suites; each bench stage writes $OUT/bench-<stage>.json
+#   bench            `pytest bench/ --benchmark` without the static-kernel suite (CPU-side AOT work):
+#                    $OUT/bench.json, published as bench/results/gpu-<gpu>.json
+#   bench-attention  the attention suite alone (TFLOP/s, vs SDPA/Flex): $OUT/bench-attention.json
+#   bench-rest       the other suites: $OUT/bench-rest.json
 #
 # Every stage runs even when an earlier one failed; the exit status is that of the first failure.
 # Python packages the machine lacks can be put in .gpu/site (kept out of git) and travel with it.
@@ -60,6 +62,7 @@ for stage in "$@"; do
         tune) run_stage tune $PY scripts/tune_attention_gpu.py --json "$OUT/tune.json" ;;
         tune-combined) run_stage tune-combined $PY scripts/tune_attention_gpu.py --combined \
                            --json "$OUT/tune-combined.json" ;;
+        bench) run_stage bench bench bench bench --ignore bench/test_bench_static_kernels.py ;;
         bench-attention) run_stage bench-attention bench bench-attention bench/test_bench_attention.py ;;
         bench-rest) run_stage bench-rest bench bench-rest bench --ignore bench/test_bench_attention.py \
                         --ignore bench/test_bench_static_kernels.py ;;
