@@ -289,6 +289,73 @@ at::ScalarType compute_type(const at::Tensor& q) {
   return dt == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x (T, H, D) with unit stride on D, as (H, D, T) contiguous: the keys / values per head with
+// tokens innermost (see k_t below). Tensor::permute().contiguous() walks this in the worst order for
+// the cache (measured 3.7 ms for 2,048 x 8 x 64 fp32 on 2 threads, a quarter of the forward on
+// packed documents); blocks of kBlock tokens go through a small buffer instead (~0.5 ms).
+template <typename T>
+at::Tensor heads_dim_tokens(const at::Tensor& x) {
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), s0 = x.stride(0), s1 = x.stride(1);
+  at::Tensor out = at::empty({heads, dim, tokens}, x.options());
+  const T* src = x.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  constexpr int64_t kBlock = 64;
+  const int64_t token_blocks = (tokens + kBlock - 1) / kBlock;
+  at::parallel_for(0, heads * token_blocks, 4, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(dim * kBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / token_blocks, t0 = (task % token_blocks) * kBlock;
+      const int64_t n = std::min(tokens - t0, kBlock);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* row = src + (t0 + i) * s0 + h * s1;
+        for (int64_t d = 0; d < dim; ++d) buffer[d * kBlock + i] = row[d];
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        std::copy(buffer.data() + d * kBlock, buffer.data() + d * kBlock + n, dst + (h * dim + d) * tokens + t0);
+      }
+    }
+  });
+  return out;
+}
+
+// Splits [lo, hi) at the edges of two mask-free ranges and calls piece(p_lo, p_hi, mask_free) for
+// each maximal run of pieces that are all inside one of them (mask_free) or all outside (masked).
+template <typename Piece>
+void for_each_piece(int64_t lo, int64_t hi, int64_t free1_lo, int64_t free1_hi, int64_t free2_lo,
+                    int64_t free2_hi, const Piece& piece) {
+  if (lo >= hi) return;
+  int64_t cuts[6] = {lo, hi, clamp_to(free1_lo, lo, hi), clamp_to(free1_hi, lo, hi),
+                     clamp_to(free2_lo, lo, hi), clamp_to(free2_hi, lo, hi)};
+  std::sort(cuts, cuts + 6);
+  int64_t run_lo = lo;
+  bool run_free = false;
+  for (int i = 0; i < 5; ++i) {
+    const int64_t a = cuts[i], b = cuts[i + 1];
+    if (a >= b) continue;
+    const bool free = (free1_lo <= a && b <= free1_hi) || (free2_lo <= a && b <= free2_hi);
+    if (a > run_lo && free != run_free) {
+      piece(run_lo, a, run_free);
+      run_lo = a;
+    }
+    run_free = free;
+  }
+  if (hi > run_lo) piece(run_lo, hi, run_free);
+}
+
+// Calls segment(a, b) for consecutive runs of [lo, hi) whose `start` is the same (rows of one
+// document in the forward, keys of one document in the backward, through kv_start / q_end). A run
+// shorter than min_len absorbs the next ones up to min_len so that many tiny documents do not turn
+// into many tiny GEMMs (the masked path then sorts them out).
+template <typename Segment>
+void for_each_segment(const int32_t* start, int64_t lo, int64_t hi, int64_t min_len, const Segment& segment) {
+  for (int64_t a = lo; a < hi;) {
+    int64_t b = a + 1;
+    while (b < hi && (start[b] == start[a] || b - a < min_len)) ++b;
+    segment(a, b);
+    a = b;
+  }
+}
+
 // k_t / v_t: the keys / values as (Hkv, D, Tk) contiguous, so that the score products Q K^T and
 // dO V^T run as plain (NN) GEMMs: MKL's transposed-A kernel measured ~40% slower per flop here.
 // Keys per forward GEMM: consecutive visited key tiles of a row tile are merged up to this many
@@ -296,6 +363,16 @@ at::ScalarType compute_type(const at::Tensor& q) {
 // AVX-512 Xeon, T = 2,048 Transfusion layout: with 128 x 64 tiles, 1,024 columns ~10% faster
 // forward than one GEMM pair per tile; 256 and 512 in between).
 constexpr int64_t kForwardGemmCols = 1024;
+
+// Document-aware walk inside a row tile. Where a row tile holds the end of one document and the
+// start of the next, the union of its rows' key intervals covers both documents: the rows of each
+// document (a segment, same kv_start) only compute their own keys. Inside a segment, the keys that
+// every row sees run as wide mask-free GEMMs over all its rows; the rest (the causal diagonal, span
+// edges) is cut into row sub-blocks of kMaskedRows, each computing only up to its own last row's
+// kv_end, so that the diagonal wastes ~kMaskedRows / 2 keys per row instead of ~block_m / 2.
+// Segments shorter than kMinSegmentRows merge with the next rows (then they are masked).
+constexpr int64_t kMaskedRows = 32;
+constexpr int64_t kMinSegmentRows = 16;
 
 template <typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor& v, at::Tensor& out,
@@ -313,10 +390,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor
   std::vector<int64_t> work(g.hq * num_m);
   for (int64_t t = 0; t < g.hq * num_m; ++t) work[t] = kv_hi[t % num_m] - kv_lo[t % num_m];
 
-  // Consecutive visited key tiles are contiguous keys: one GEMM pair covers up to kForwardGemmCols
-  // of them, while the tile table still skips invisible work at block_n granularity.
-  const int64_t tiles_per_gemm = std::max<int64_t>(1, kForwardGemmCols / g.bn);
-  const int64_t max_cols = tiles_per_gemm * g.bn;
+  const int64_t max_cols = std::max<int64_t>(kForwardGemmCols, g.bn);
   run_tasks(heaviest_first(work), [&]() {
     auto scores = std::make_shared<std::vector<T>>(g.bm * max_cols);
     auto acc = std::make_shared<std::vector<T>>(g.bm * g.d);
@@ -331,20 +405,47 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor
       std::fill(row_max, row_max + rows, -std::numeric_limits<T>::infinity());
       std::fill(row_sum, row_sum + rows, T(0));
       std::fill(O, O + rows * g.d, T(0));
-      const T* qt = qp + r0 * sq0 + h * sq1;
-      for (int64_t nb = kv_lo[m]; nb < kv_hi[m]; nb += tiles_per_gemm) {
-        const int64_t ne = std::min<int64_t>(nb + tiles_per_gemm, kv_hi[m]);
-        const int64_t c0 = nb * g.bn, cols = std::min(ne * g.bn, g.tk) - c0;
-        const bool full = nb >= kv_full_lo[m] && ne <= kv_full_hi[m];
-        const T* kt = ktp + hk * skt + c0;
-        const T* vt = vp + c0 * sv0 + hk * sv1;
-        // S (rows x cols, row-major) = scale * Q K^T, i.e. column-major S^T = K Q^T.
-        gemm(kN, kN, cols, rows, g.d, scale, kt, g.tk, qt, sq0, T(0), S, max_cols);
-        softmax_fwd(S, max_cols, rows, cols, full ? nullptr : kv_start + r0, kv_end + r0, c0, row_max,
-                    row_sum, O, g.d);
-        // O += P V, i.e. column-major O^T += V^T P^T.
-        gemm(kN, kN, g.d, rows, cols, T(1), vt, sv0, S, max_cols, T(1), O, g.d);
-      }
+      const T* kt = ktp + hk * skt;
+      const T* vh = vp + hk * sv1;
+      // Rows [a, b) x keys [c_lo, c_hi), in GEMMs of up to max_cols keys; kv_start == nullptr: no mask.
+      const auto block = [&](int64_t a, int64_t b, int64_t c_lo, int64_t c_hi, const int32_t* mask_start) {
+        const int64_t i0 = a - r0, n = b - a;
+        for (int64_t c0 = c_lo; c0 < c_hi; c0 += max_cols) {
+          const int64_t cols = std::min(max_cols, c_hi - c0);
+          // S (n x cols, row-major) = scale * Q K^T, i.e. column-major S^T = K Q^T.
+          gemm(kN, kN, cols, n, g.d, scale, kt + c0, g.tk, qp + a * sq0 + h * sq1, sq0, T(0), S, max_cols);
+          softmax_fwd(S, max_cols, n, cols, mask_start ? mask_start + a : nullptr, kv_end + a, c0,
+                      row_max + i0, row_sum + i0, O + i0 * g.d, g.d);
+          // O += P V, i.e. column-major O^T += V^T P^T.
+          gemm(kN, kN, g.d, n, cols, T(1), vh + c0 * sv0, sv0, S, max_cols, T(1), O + i0 * g.d, g.d);
+        }
+      };
+      // The table's key range and its full (mask-free) tiles; keys outside [tile_lo, tile_hi) are
+      // never read.
+      const int64_t tile_lo = kv_lo[m] * g.bn, tile_hi = std::min<int64_t>(kv_hi[m] * g.bn, g.tk);
+      const int64_t full_lo = kv_full_lo[m] * g.bn, full_hi = std::min<int64_t>(kv_full_hi[m] * g.bn, g.tk);
+      for_each_segment(kv_start, r0, r0 + rows, kMinSegmentRows, [&](int64_t a, int64_t b) {
+        // The segment's keys: the union of its rows' intervals inside the table's range (and the
+        // table's full tiles, which are mask-free whatever the intervals say).
+        int64_t c_lo = std::max<int64_t>(tile_lo, kv_start[a]), c_hi = std::min<int64_t>(tile_hi, kv_end[b - 1]);
+        if (full_lo < full_hi) {
+          c_lo = std::min(c_lo, full_lo);
+          c_hi = std::max(c_hi, full_hi);
+        }
+        // Keys every row of the segment sees (both interval ends are non-decreasing in the row).
+        const int64_t seen_lo = kv_start[b - 1], seen_hi = kv_end[a];
+        for_each_piece(c_lo, c_hi, seen_lo, seen_hi, full_lo, full_hi, [&](int64_t p_lo, int64_t p_hi, bool free) {
+          if (free) {
+            block(a, b, p_lo, p_hi, nullptr);
+            return;
+          }
+          for (int64_t sa = a; sa < b; sa += kMaskedRows) {
+            const int64_t sb = std::min(b, sa + kMaskedRows);
+            block(sa, sb, std::max<int64_t>(p_lo, kv_start[sa]), std::min<int64_t>(p_hi, kv_end[sb - 1]),
+                  kv_start);
+          }
+        });
+      });
       for (int64_t i = 0; i < rows; ++i) {
         // Every row sees at least its own position, so row_sum > 0.
         const T inv = T(1) / row_sum[i];
@@ -374,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
   at::Tensor out = at::empty({g.tq, g.hq, g.d}, q.options());
   at::Tensor lse = at::empty({g.hq, g.tq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(compute, "attention_cpu_fwd", [&] {
-    forward_kernel<scalar_t>(q, k.permute({1, 2, 0}).contiguous(), v, out, lse, kv_start.const_data_ptr<int32_t>(),
+    forward_kernel<scalar_t>(q, heads_dim_tokens<scalar_t>(k), v, out, lse, kv_start.const_data_ptr<int32_t>(),
                              kv_end.const_data_ptr<int32_t>(), kv_lo.const_data_ptr<int32_t>(),
                              kv_hi.const_data_ptr<int32_t>(), kv_full_lo.const_data_ptr<int32_t>(),
                              kv_full_hi.const_data_ptr<int32_t>(), g, static_cast<scalar_t>(scale));
@@ -388,13 +489,19 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
 // 256 rows ~5% faster forward+backward than one GEMM per 64-row tile; 128, 512 and 2,048 slower).
 constexpr int64_t kBackwardGemmRows = 256;
 
+// The backward's mirror of the forward's walk: inside a key tile, the keys of one document (same
+// q_end) form a segment that only meets its own query rows; the rows that see every key of the
+// segment run mask-free over all its keys, the rest in key sub-blocks of kMaskedCols.
+constexpr int64_t kMaskedCols = 32;
+constexpr int64_t kMinSegmentCols = 16;
+
 template <typename T>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& lse, const at::Tensor& delta,
                      at::Tensor& dq_parts, at::Tensor& dk, at::Tensor& dv, const int32_t* kv_start,
-                     const int32_t* kv_end, const int32_t* q_lo, const int32_t* q_hi,
-                     const int32_t* q_full_lo, const int32_t* q_full_hi, const Geometry& g,
-                     int64_t num_chunks, T scale) {
+                     const int32_t* kv_end, const int32_t* q_start, const int32_t* q_end,
+                     const int32_t* q_lo, const int32_t* q_hi, const int32_t* q_full_lo,
+                     const int32_t* q_full_hi, const Geometry& g, int64_t num_chunks, T scale) {
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* ktp = k_t.const_data_ptr<T>();
@@ -426,11 +533,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     work[t] = prefix[bounds[c + 1]] - prefix[bounds[c]];
   }
 
-  // Consecutive visited query tiles of a key tile are contiguous rows: their products run as one
-  // GEMM of up to kBackwardGemmRows rows (fewer, larger BLAS calls), while the tile table still
-  // skips invisible work at block_m granularity.
-  const int64_t tiles_per_gemm = std::max<int64_t>(1, kBackwardGemmRows / g.bm);
-  const int64_t max_rows = tiles_per_gemm * g.bm;
+  // Query rows per GEMM: consecutive visited rows are contiguous, so one GEMM covers up to
+  // max_rows of them.
+  const int64_t max_rows = std::max<int64_t>(kBackwardGemmRows, g.bm);
   run_tasks(heaviest_first(work), [&]() {
     auto tiles = std::make_shared<std::vector<T>>(2 * max_rows * g.bn + 2 * g.bn * g.d);
     return [=, &g, &bounds](int64_t t) {
@@ -440,29 +545,58 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       T* dK = dS + max_rows * g.bn;
       T* dV = dK + g.bn * g.d;
       T* dq = dqp + c * dq_part_size;
+      const T* kt_t = ktp + hk * skt;
+      const T* vt_t = vtp + hk * skt;
       for (int64_t n = bounds[c]; n < bounds[c + 1]; ++n) {
         const int64_t c0 = n * g.bn, cols = std::min(g.bn, g.tk - c0);
-        const T* kt = kp + c0 * sk0 + hk * sk1;
-        const T* kt_t = ktp + hk * skt + c0;
-        const T* vt_t = vtp + hk * skt + c0;
         std::fill(dK, dK + 2 * g.bn * g.d, T(0));
-        for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
-          for (int64_t mb = q_lo[n]; mb < q_hi[n]; mb += tiles_per_gemm) {
-            const int64_t me = std::min<int64_t>(mb + tiles_per_gemm, q_hi[n]);
-            const int64_t r0 = mb * g.bm, rows = std::min(me * g.bm, g.tq) - r0;
-            const bool full = mb >= q_full_lo[n] && me <= q_full_hi[n];
+        // Keys [ja, jb) x query rows [r_lo, r_hi) of head h, in GEMMs of up to max_rows rows;
+        // mask_start == nullptr: no mask.
+        const auto block = [&](int64_t h, int64_t ja, int64_t jb, int64_t r_lo, int64_t r_hi,
+                               const int32_t* mask_start) {
+          const int64_t w = jb - ja;
+          T* dKj = dK + (ja - c0) * g.d;
+          T* dVj = dV + (ja - c0) * g.d;
+          const T* kj = kp + ja * sk0 + hk * sk1;
+          for (int64_t r0 = r_lo; r0 < r_hi; r0 += max_rows) {
+            const int64_t rows = std::min(max_rows, r_hi - r0);
             const T* qt = qp + r0 * sq0 + h * sq1;
             const T* dot = dop + r0 * sdo0 + h * sdo1;
-            gemm(kN, kN, cols, rows, g.d, scale, kt_t, g.tk, qt, sq0, T(0), P, g.bn);     // S
-            gemm(kN, kN, cols, rows, g.d, T(1), vt_t, g.tk, dot, sdo0, T(0), dS, g.bn);  // dP = dO V^T
-            probs_dscores(P, dS, g.bn, rows, cols, full ? nullptr : kv_start + r0, kv_end + r0, c0,
-                          lp + h * g.tq + r0, deltap + h * g.tq + r0);                 // P, dS
-            gemm(kN, kT, g.d, cols, rows, T(1), dot, sdo0, P, g.bn, T(1), dV, g.d);     // dV += P^T dO
-            gemm(kN, kT, g.d, cols, rows, scale, qt, sq0, dS, g.bn, T(1), dK, g.d);     // dK += dS^T Q
-            gemm(kN, kN, g.d, rows, cols, scale, kt, sk0, dS, g.bn, T(1),
-                 dq + r0 * sdq0 + h * g.d, sdq0);                                      // dQ += dS K
+            gemm(kN, kN, w, rows, g.d, scale, kt_t + ja, g.tk, qt, sq0, T(0), P, g.bn);     // S
+            gemm(kN, kN, w, rows, g.d, T(1), vt_t + ja, g.tk, dot, sdo0, T(0), dS, g.bn);  // dP = dO V^T
+            probs_dscores(P, dS, g.bn, rows, w, mask_start ? mask_start + r0 : nullptr, kv_end + r0, ja,
+                          lp + h * g.tq + r0, deltap + h * g.tq + r0);                     // P, dS
+            gemm(kN, kT, g.d, w, rows, T(1), dot, sdo0, P, g.bn, T(1), dVj, g.d);           // dV += P^T dO
+            gemm(kN, kT, g.d, w, rows, scale, qt, sq0, dS, g.bn, T(1), dKj, g.d);           // dK += dS^T Q
+            gemm(kN, kN, g.d, rows, w, scale, kj, sk0, dS, g.bn, T(1),
+                 dq + r0 * sdq0 + h * g.d, sdq0);                                          // dQ += dS K
           }
-        }
+        };
+        // The table's query range and its full (mask-free) tiles; rows outside are never read.
+        const int64_t tile_lo = q_lo[n] * g.bm, tile_hi = std::min<int64_t>(q_hi[n] * g.bm, g.tq);
+        const int64_t full_lo = q_full_lo[n] * g.bm, full_hi = std::min<int64_t>(q_full_hi[n] * g.bm, g.tq);
+        for_each_segment(q_end, c0, c0 + cols, kMinSegmentCols, [&](int64_t ja, int64_t jb) {
+          int64_t r_lo = std::max<int64_t>(tile_lo, q_start[ja]), r_hi = std::min<int64_t>(tile_hi, q_end[jb - 1]);
+          if (full_lo < full_hi) {
+            r_lo = std::min(r_lo, full_lo);
+            r_hi = std::max(r_hi, full_hi);
+          }
+          // Rows that see every key of the segment (both column interval ends are non-decreasing).
+          const int64_t seen_lo = q_start[jb - 1], seen_hi = q_end[ja];
+          for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+            for_each_piece(r_lo, r_hi, seen_lo, seen_hi, full_lo, full_hi, [&](int64_t p_lo, int64_t p_hi, bool free) {
+              if (free) {
+                block(h, ja, jb, p_lo, p_hi, nullptr);
+                return;
+              }
+              for (int64_t sa = ja; sa < jb; sa += kMaskedCols) {
+                const int64_t sb = std::min(jb, sa + kMaskedCols);
+                block(h, sa, sb, std::max<int64_t>(p_lo, q_start[sa]), std::min<int64_t>(p_hi, q_end[sb - 1]),
+                      kv_start);
+              }
+            });
+          }
+        });
         for (int64_t j = 0; j < cols; ++j) {
           std::copy(dK + j * g.d, dK + (j + 1) * g.d, dkp + ((c0 + j) * g.hkv + hk) * g.d);
           std::copy(dV + j * g.d, dV + (j + 1) * g.d, dvp + ((c0 + j) * g.hkv + hk) * g.d);
@@ -475,7 +609,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& kv_start,
-    const at::Tensor& kv_end, const at::Tensor& q_lo, const at::Tensor& q_hi,
+    const at::Tensor& kv_end, const at::Tensor& q_start, const at::Tensor& q_end, const at::Tensor& q_lo, const at::Tensor& q_hi,
     const at::Tensor& q_full_lo, const at::Tensor& q_full_hi, int64_t block_m, int64_t block_n,
     double scale) {
   const auto compute = compute_type(q_in);
@@ -489,6 +623,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
   }
   check_table(kv_start, "kv_start", g.tq);
   check_table(kv_end, "kv_end", g.tq);
+  check_table(q_start, "q_start", g.tk);
+  check_table(q_end, "q_end", g.tk);
   check_table(q_lo, "q_lo", num_n);
   check_table(q_hi, "q_hi", num_n);
   check_table(q_full_lo, "q_full_lo", num_n);
@@ -507,9 +643,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
   at::Tensor dk = at::empty({g.tk, g.hkv, g.d}, q.options());
   at::Tensor dv = at::empty({g.tk, g.hkv, g.d}, q.options());
   AT_DISPATCH_FLOATING_TYPES(compute, "attention_cpu_bwd", [&] {
-    backward_kernel<scalar_t>(grad_out, q, k, k.permute({1, 2, 0}).contiguous(),
-                              v.permute({1, 2, 0}).contiguous(), lse, delta, dq_parts, dk, dv,
+    backward_kernel<scalar_t>(grad_out, q, k, heads_dim_tokens<scalar_t>(k), heads_dim_tokens<scalar_t>(v), lse, delta, dq_parts, dk, dv,
                               kv_start.const_data_ptr<int32_t>(), kv_end.const_data_ptr<int32_t>(),
+                              q_start.const_data_ptr<int32_t>(), q_end.const_data_ptr<int32_t>(),
                               q_lo.const_data_ptr<int32_t>(), q_hi.const_data_ptr<int32_t>(),
                               q_full_lo.const_data_ptr<int32_t>(), q_full_hi.const_data_ptr<int32_t>(),
                               g, num_chunks, static_cast<scalar_t>(scale));
@@ -531,7 +667,7 @@ TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
         "Tensor kv_hi, Tensor kv_full_lo, Tensor kv_full_hi, int block_m, int block_n, float scale) "
         "-> (Tensor, Tensor)");
   m.def("attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
-        "Tensor kv_start, Tensor kv_end, Tensor q_lo, Tensor q_hi, Tensor q_full_lo, Tensor q_full_hi, "
+        "Tensor kv_start, Tensor kv_end, Tensor q_start, Tensor q_end, Tensor q_lo, Tensor q_hi, Tensor q_full_lo, Tensor q_full_hi, "
         "int block_m, int block_n, float scale) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -40,20 +40,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("transfusion_fast::cpu_attention", mutates_args=(), device_types="cpu")
 def _cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
                       kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
-                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, q_lo: torch.Tensor,
-                      q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
+                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, q_start: torch.Tensor,
+                      q_end: torch.Tensor, q_lo: torch.Tensor, q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
                       block_m: int, block_n: int, backward_block_m: int, backward_block_n: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (Tq, Hq, D) in q's dtype and lse (Hq, Tq) in the compute dtype (fp32, or fp64 for fp64).
 
-    kv_* is the row side of the (block_m, block_n) tile table; q_* the column side of the
-    (backward_block_m, backward_block_n) one, for the backward."""
+    kv_start / kv_end are the rows' key intervals, q_start / q_end the keys' query-row intervals
+    (Layout); kv_lo.. is the row side of the (block_m, block_n) tile table, q_lo.. the column side
+    of the (backward_block_m, backward_block_n) one, for the backward."""
     return _ext.ops().attention_cpu_fwd(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo,
                                         kv_full_hi, block_m, block_n, scale)
 
 
 @_cpu_attention_op.register_fake
-def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, q_lo, q_hi, q_full_lo,
+def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, q_start, q_end, q_lo, q_hi, q_full_lo,
       q_full_hi, block_m, block_n, backward_block_m, backward_block_n, scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_compute_dtype(q.dtype))
 
@@ -62,40 +63,42 @@ def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, q_lo, q_h
                          device_types="cpu")
 def _cpu_attention_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-                               kv_start: torch.Tensor, kv_end: torch.Tensor, q_lo: torch.Tensor,
+                               kv_start: torch.Tensor, kv_end: torch.Tensor, q_start: torch.Tensor,
+                               q_end: torch.Tensor, q_lo: torch.Tensor,
                                q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
                                block_m: int, block_n: int,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, in the inputs' dtypes)."""
-    return _ext.ops().attention_cpu_bwd(grad_o, q, k, v, lse, delta, kv_start, kv_end, q_lo, q_hi,
-                                        q_full_lo, q_full_hi, block_m, block_n, scale)
+    return _ext.ops().attention_cpu_bwd(grad_o, q, k, v, lse, delta, kv_start, kv_end, q_start, q_end,
+                                        q_lo, q_hi, q_full_lo, q_full_hi, block_m, block_n, scale)
 
 
 @_cpu_attention_backward_op.register_fake
-def _(grad_o, q, k, v, lse, delta, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi, block_m,
+def _(grad_o, q, k, v, lse, delta, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi, block_m,
       block_n, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kv_start, kv_end = inputs[:5]
-    q_lo, q_hi, q_full_lo, q_full_hi, _, _, block_m, block_n, scale = inputs[9:]
+    q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi, _, _, block_m, block_n, scale = inputs[9:]
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi)
+    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo,
+                          q_full_hi)
     ctx.block_m, ctx.block_n, ctx.scale = block_m, block_n, scale
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi = ctx.saved_tensors
+    q, k, v, o, lse, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi = ctx.saved_tensors
     # delta_i = Σ_d dO·O. A gradient flowing into the LSE itself adds grad_lse_i · P_ij to dS_ij
     # (∂lse_i/∂s_ij = P_ij), which is the same as subtracting it from delta.
     delta = (grad_o.to(lse.dtype) * o.to(lse.dtype)).sum(-1).transpose(0, 1)
     if grad_lse is not None:
         delta = delta - grad_lse.to(lse.dtype)
     dq, dk, dv = _cpu_attention_backward_op(grad_o.contiguous(), q, k, v, lse, delta.contiguous(),
-                                            kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
-                                            ctx.block_m, ctx.block_n, ctx.scale)
-    return (dq, dk, dv) + (None,) * 15
+                                            kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo,
+                                            q_full_hi, ctx.block_m, ctx.block_n, ctx.scale)
+    return (dq, dk, dv) + (None,) * 17
 
 
 _cpu_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -119,7 +122,8 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Lay
     rows = layout.tile_table(*forward_blocks)
     cols = layout.tile_table(*backward_blocks)
     o, lse = _cpu_attention_op(q, k, v, layout.kv_start, layout.kv_end, rows.kv_lo, rows.kv_hi,
-                               rows.kv_full_lo, rows.kv_full_hi, cols.q_lo, cols.q_hi, cols.q_full_lo,
-                               cols.q_full_hi, rows.block_m, rows.block_n, cols.block_m, cols.block_n,
+                               rows.kv_full_lo, rows.kv_full_hi, layout.q_start, layout.q_end, cols.q_lo, cols.q_hi,
+                               cols.q_full_lo, cols.q_full_hi, rows.block_m, rows.block_n, cols.block_m,
+                               cols.block_n,
                                float(scale))
     return o, lse.float()
