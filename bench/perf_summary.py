@@ -230,23 +230,28 @@ def format_text(data: dict) -> str:
     return "\n\n".join(parts)
 
 
-def format_markdown(data: dict, heading: bool = True) -> str:
+def format_markdown(data: dict, heading: bool = True, source: str = "bench/results/latest.json",
+                    gpu_section: str = "") -> str:
     """The README "Performance" section (without the marker lines); ``heading=False`` leaves out
-    the ``## Performance`` title (when the README already has it above the markers)."""
+    the ``## Performance`` title (when the README already has it above the markers). ``source``:
+    the JSON the section is generated from; ``gpu_section``: for a CPU run, the title of the
+    README section that holds the GPU figures (empty: none exist)."""
     rows = summarize(data)
     head = run_header(data)
-    state = ("GPU figures in this table come from " + head["device_name"] + "."
+    cpu = ("**All figures in this section are CPU measurements** (" + head["device_name"]
+           + (f", {head['cpu_count']} cores" if head["cpu_count"] else "") + ", no GPU): "
+           "the Triton kernels are not timed on CPU (they only run under the interpreter there). ")
+    state = ("Every figure in this section was measured on " + head["device_name"] + "."
              if head["gpu_figures"] else
-             "**All figures are CPU measurements** (" + head["device_name"]
-             + (f", {head['cpu_count']} cores" if head["cpu_count"] else "") + ", no GPU). "
-             "**No GPU figures exist yet**: the Triton kernels are not timed on CPU "
-             "(they only run under the interpreter there); on a CUDA machine the same command times "
-             "them and reports TFLOP/s over visible elements and GB/s for memory-bound ops.")
+             cpu + (f"GPU figures (TFLOP/s over visible elements, GB/s) are under *{gpu_section}*."
+                    if gpu_section else
+                    "**No GPU figures exist yet**: on a CUDA machine the same command times the "
+                    "kernels and reports TFLOP/s over visible elements and GB/s for memory-bound ops."))
     lines = (["## Performance", ""] if heading else []) + [
         f"Produced by `{head['command']}` on {head['device_name']} "
         f"(torch {head['torch']}, triton {head['triton']}), {head['datetime'][:19].replace('T', ' ')} UTC"
         + (f", commit {head['commit']}" if head["commit"] else "") + ".",
-        f"Regenerate this section from `bench/results/latest.json` with `python scripts/perf_report.py`.",
+        f"Regenerate this section from `{source}` with `python scripts/perf_report.py`.",
         "",
         state,
         "",

@@ -1,13 +1,16 @@
-"""Regenerate the README "Performance" section from the saved benchmark JSON.
+"""Regenerate the README "Performance" sections from the saved benchmark JSON files.
 
-    python scripts/perf_report.py [--json bench/results/latest.json] [--readme README.md] [--check]
+    python scripts/perf_report.py [--json bench/results/latest.json]
+                                  [--gpu-json bench/results/gpu-h100.json] [--readme README.md] [--check]
 
-The section is the region between the lines ``<!-- perf:start -->`` and ``<!-- perf:end -->`` of the
-README; everything else is left untouched. If the markers are absent, the section is printed to
-stdout instead (and the script says so on stderr). ``--check`` exits 1 when the README section
-differs from what the JSON gives (for CI: the published table never drifts from the measurements).
-The table itself is formatted by ``bench/perf_summary.py``, the module that prints the summary at
-the end of ``pytest bench/ --benchmark``, so both always agree.
+Two regions of the README are generated: the CPU run of ``pytest bench/ --benchmark`` (``--json``)
+between ``<!-- perf:start -->`` and ``<!-- perf:end -->``, and the latest run on a GPU machine
+(``--gpu-json``, saved from ``scripts/gpu_session.sh bench``; optional) between
+``<!-- perf-gpu:start -->`` and ``<!-- perf-gpu:end -->``. Everything else is left untouched. If a
+region's markers are absent, that section is printed to stdout instead (and the script says so on
+stderr). ``--check`` exits 1 when a section differs from what its JSON gives (for CI: the published
+tables never drift from the measurements). The tables are formatted by ``bench/perf_summary.py``,
+the module that prints the summary at the end of ``pytest bench/ --benchmark``, so both agree.
 """
 from __future__ import annotations
 
@@ -22,54 +25,72 @@ sys.path.insert(0, str(ROOT / "bench"))
 import perf_summary  # noqa: E402
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+GPU_START, GPU_END = "<!-- perf-gpu:start -->", "<!-- perf-gpu:end -->"
+GPU_TITLE = "GPU measurements"
 
 
-def render(data: dict, heading: bool = False) -> str:
-    """The section body (without the markers; the README has the ``## Performance`` title above
-    them, so the title is only added when the section is printed on its own)."""
-    return perf_summary.format_markdown(data, heading=heading)
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
-def replace_section(readme: str, body: str) -> str | None:
+def render(data: dict, source: str, heading: bool = False, gpu_section: str = "") -> str:
+    """A section body (without the markers; the README has the titles above them, so a title is
+    only added when the section is printed on its own)."""
+    return perf_summary.format_markdown(data, heading=heading, source=source, gpu_section=gpu_section)
+
+
+def replace_section(readme: str, body: str, start: str = START, end: str = END) -> str | None:
     """``readme`` with the marked region replaced by ``body``; None if the markers are missing."""
-    start, end = readme.find(START), readme.find(END)
-    if start < 0 or end < 0 or end < start:
+    first, last = readme.find(start), readme.find(end)
+    if first < 0 or last < 0 or last < first:
         return None
-    return readme[: start + len(START)] + "\n" + body + readme[end:]
+    return readme[: first + len(start)] + "\n" + body + readme[last:]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--gpu-json", type=Path, default=ROOT / "bench" / "results" / "gpu-h100.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true",
-                        help="do not write: exit 1 if the README section is out of date")
+                        help="do not write: exit 1 if a README section is out of date")
     args = parser.parse_args(argv)
 
     if not args.json.exists():
         print(f"{args.json} does not exist: run `pytest bench/ --benchmark` first", file=sys.stderr)
         return 2
-    data = json.loads(args.json.read_text())
-    body = render(data)
+    gpu = json.loads(args.gpu_json.read_text()) if args.gpu_json.exists() else None
+    sections = [(START, END, render(json.loads(args.json.read_text()), _relative(args.json),
+                                    gpu_section=GPU_TITLE if gpu else ""))]
+    if gpu is not None:
+        sections.append((GPU_START, GPU_END, render(gpu, _relative(args.gpu_json))))
+
     readme = args.readme.read_text() if args.readme.exists() else ""
-    updated = replace_section(readme, body)
-    if updated is None:
-        print(f"{args.readme}: no '{START}' ... '{END}' markers; the section is printed below "
-              f"instead of written", file=sys.stderr)
-        sys.stdout.write(render(data, heading=True))
-        return 1 if args.check else 0
+    updated, status = readme, 0
+    for start, end, body in sections:
+        replaced = replace_section(updated, body, start, end)
+        if replaced is None:
+            print(f"{args.readme}: no '{start}' ... '{end}' markers; the section is printed below "
+                  f"instead of written", file=sys.stderr)
+            sys.stdout.write(body)
+            status = 1 if args.check else status
+            continue
+        updated = replaced
     if args.check:
         if updated != readme:
-            print(f"{args.readme}: the Performance section is out of date with {args.json}; run "
+            print(f"{args.readme}: a Performance section is out of date with its JSON; run "
                   f"python scripts/perf_report.py", file=sys.stderr)
             return 1
-        return 0
+        return status
     if updated != readme:
         args.readme.write_text(updated)
-        print(f"{args.readme}: Performance section regenerated from {args.json}")
+        print(f"{args.readme}: Performance sections regenerated")
     else:
-        print(f"{args.readme}: Performance section already up to date")
-    return 0
+        print(f"{args.readme}: Performance sections already up to date")
+    return status
 
 
 if __name__ == "__main__":
