@@ -1,5 +1,5 @@
 // patchify / unpatchify (batched and packed): schemas, validation, CPU kernels.
-// CPU: at::parallel_for over image rows (b, hp, py); each row is one of three loops picked by the
+// CPU: at::parallel_for over patch rows (b, hp); each image row is one of three loops picked by the
 // strides: channels-last (p*C contiguous elements per patch: memcpy), channels-first with
 // p = 1, 2, 4, 8 (patch features written in order from C sequential channel streams, unrolled over
 // px) or any other strides (element by element).
@@ -75,78 +75,149 @@ inline void move(T* image_element, T* patch_element) {
 }
 
 // One image row of a channels-first image (contiguous along w, channels sc apart) to or from its
-// patch features, walking the written side in order: patchify writes the patch features in order
-// from C sequential channel streams, unpatchify writes each channel row in order.
+// patch features, through a pixel-major tile (tile[w * C + c]) that stays in L1: one side is an
+// interleave / de-interleave of C channel streams with a compile-time C (vectorized with shuffles),
+// the other copies the p * C contiguous features of each patch row.
 // CT > 0: the channel count known at compile time (fully unrolled inner loops), else C.
+constexpr int64_t kTileBytes = 16384;
+
 template <typename T, bool ToPatches, int P, int CT>
 inline void channels_first_row(T* img_row, int64_t sc, T* patch_base, int64_t Wp, int64_t D, int64_t runtime_C) {
   const int64_t C = CT > 0 ? CT : runtime_C;
-  if constexpr (ToPatches) {
-    for (int64_t wp = 0; wp < Wp; ++wp) {
-      T* in = img_row + wp * P;
-      T* out = patch_base + wp * D;
-      for (int px = 0; px < P; ++px) {
-        for (int64_t c = 0; c < C; ++c) out[px * C + c] = in[px + c * sc];
+  constexpr int64_t kTileElements = kTileBytes / sizeof(T);
+  alignas(64) T tile[kTileElements];
+  const int64_t tile_wp = kTileElements / (P * C);  // >= 1: the caller checks P * C <= kTileElements
+  for (int64_t wp0 = 0; wp0 < Wp; wp0 += tile_wp) {
+    const int64_t n_wp = std::min(tile_wp, Wp - wp0), n_w = n_wp * P;
+    T* img = img_row + wp0 * P;
+    T* patch = patch_base + wp0 * D;
+    if constexpr (ToPatches) {
+      for (int64_t w = 0; w < n_w; ++w) {
+        for (int64_t c = 0; c < C; ++c) tile[w * C + c] = img[c * sc + w];
       }
-    }
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      T* out = img_row + c * sc;
-      T* in = patch_base + c;
-      for (int64_t wp = 0; wp < Wp; ++wp) {
-        for (int px = 0; px < P; ++px) out[wp * P + px] = in[wp * D + px * C];
+      for (int64_t wp = 0; wp < n_wp; ++wp) std::memcpy(patch + wp * D, tile + wp * P * C, sizeof(T) * P * C);
+    } else {
+      for (int64_t wp = 0; wp < n_wp; ++wp) std::memcpy(tile + wp * P * C, patch + wp * D, sizeof(T) * P * C);
+      for (int64_t w = 0; w < n_w; ++w) {
+        for (int64_t c = 0; c < C; ++c) img[c * sc + w] = tile[w * C + c];
       }
     }
   }
 }
 
 template <typename T, bool ToPatches, int P>
-inline void channels_first_dispatch_c(T* img_row, T* patch_base, const PatchGeometry& g) {
+inline void channels_first_dispatch_c(T* img_row, T* patch_base, int64_t Wp, const PatchGeometry& g) {
   switch (g.C) {
-    case 1: channels_first_row<T, ToPatches, P, 1>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
-    case 3: channels_first_row<T, ToPatches, P, 3>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
-    case 4: channels_first_row<T, ToPatches, P, 4>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
-    default: channels_first_row<T, ToPatches, P, 0>(img_row, g.sc, patch_base, g.Wp, g.D, g.C); break;
+    case 1: channels_first_row<T, ToPatches, P, 1>(img_row, g.sc, patch_base, Wp, g.D, g.C); break;
+    case 3: channels_first_row<T, ToPatches, P, 3>(img_row, g.sc, patch_base, Wp, g.D, g.C); break;
+    case 4: channels_first_row<T, ToPatches, P, 4>(img_row, g.sc, patch_base, Wp, g.D, g.C); break;
+    default: channels_first_row<T, ToPatches, P, 0>(img_row, g.sc, patch_base, Wp, g.D, g.C); break;
   }
 }
 
 template <typename T, bool ToPatches>
-inline void channels_first_dispatch(T* img_row, T* patch_base, const PatchGeometry& g) {
+inline void channels_first_dispatch(T* img_row, T* patch_base, int64_t Wp, const PatchGeometry& g) {
   switch (g.p) {
-    case 1: channels_first_dispatch_c<T, ToPatches, 1>(img_row, patch_base, g); break;
-    case 2: channels_first_dispatch_c<T, ToPatches, 2>(img_row, patch_base, g); break;
-    case 4: channels_first_dispatch_c<T, ToPatches, 4>(img_row, patch_base, g); break;
-    default: channels_first_dispatch_c<T, ToPatches, 8>(img_row, patch_base, g); break;
+    case 1: channels_first_dispatch_c<T, ToPatches, 1>(img_row, patch_base, Wp, g); break;
+    case 2: channels_first_dispatch_c<T, ToPatches, 2>(img_row, patch_base, Wp, g); break;
+    case 4: channels_first_dispatch_c<T, ToPatches, 4>(img_row, patch_base, Wp, g); break;
+    default: channels_first_dispatch_c<T, ToPatches, 8>(img_row, patch_base, Wp, g); break;
   }
+}
+
+// One image row r = (b, hp, py), picked by the strides: channels-last (memcpy of p*C elements per
+// patch), channels-first through the tile, or element by element.
+template <typename T, bool ToPatches>
+inline void patch_row(T* img, T* patches, const PatchGeometry& g, int64_t b, int64_t hp, int64_t py) {
+  T* img_row = img + b * g.sb + (hp * g.p + py) * g.sh;
+  T* patch_base = patches + (b * g.Hp * g.Wp + hp * g.Wp) * g.D + py * g.p * g.C;
+  if (g.sc == 1 && g.sw == g.C) {
+    const size_t bytes = sizeof(T) * g.p * g.C;
+    for (int64_t wp = 0; wp < g.Wp; ++wp) {
+      T* pixels = img_row + wp * g.p * g.C;
+      T* features = patch_base + wp * g.D;
+      if (ToPatches) std::memcpy(features, pixels, bytes); else std::memcpy(pixels, features, bytes);
+    }
+  } else if (g.sw == 1 && (g.p == 1 || g.p == 2 || g.p == 4 || g.p == 8) &&
+             g.p * g.C * static_cast<int64_t>(sizeof(T)) <= kTileBytes) {
+    channels_first_dispatch<T, ToPatches>(img_row, patch_base, g.Wp, g);
+  } else {
+    for (int64_t w = 0; w < g.W; ++w) {
+      T* out = patch_base + (w / g.p) * g.D + (w % g.p) * g.C;
+      T* in = img_row + w * g.sw;
+      for (int64_t c = 0; c < g.C; ++c) move<T, ToPatches>(in + c * g.sc, out + c);
+    }
+  }
+}
+
+// Patch rows [begin, end) (u = (b, hp): p image rows <-> Wp patches). Channels-first images go
+// through an L1 block of whole patches, so the patch side is one contiguous stream (full cache
+// lines, written or read once) instead of p passes over half-lines.
+constexpr int64_t kBlockBytes = 32768;
+
+template <typename T, bool ToPatches>
+inline void patch_row_range(T* img, T* patches, const PatchGeometry& g, int64_t begin, int64_t end) {
+  constexpr int64_t kBlockElements = kBlockBytes / sizeof(T);
+  const bool blocked = !(g.sc == 1 && g.sw == g.C) && g.sw == 1 && (g.p == 1 || g.p == 2 || g.p == 4 || g.p == 8) &&
+                       g.D <= kBlockElements && g.p * g.C * static_cast<int64_t>(sizeof(T)) <= kTileBytes;
+  alignas(64) T block[kBlockElements];
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t hp = u % g.Hp, b = u / g.Hp;
+    if (!blocked) {
+      for (int64_t py = 0; py < g.p; ++py) patch_row<T, ToPatches>(img, patches, g, b, hp, py);
+      continue;
+    }
+    const int64_t block_wp = kBlockElements / g.D;
+    T* patch_row_base = patches + (b * g.Hp * g.Wp + hp * g.Wp) * g.D;
+    for (int64_t wp0 = 0; wp0 < g.Wp; wp0 += block_wp) {
+      const int64_t n_wp = std::min(block_wp, g.Wp - wp0);
+      if (!ToPatches) std::memcpy(block, patch_row_base + wp0 * g.D, sizeof(T) * n_wp * g.D);
+      for (int64_t py = 0; py < g.p; ++py) {
+        T* img_row = img + b * g.sb + (hp * g.p + py) * g.sh + wp0 * g.p;
+        channels_first_dispatch<T, ToPatches>(img_row, block + py * g.p * g.C, n_wp, g);
+      }
+      if (ToPatches) std::memcpy(patch_row_base + wp0 * g.D, block, sizeof(T) * n_wp * g.D);
+    }
+  }
+}
+
+// One clone per vector width, picked at load time: the (de-)interleave of the tile is shuffle work,
+// which is what bounds these kernels on one thread (they only move bits: every clone is exact).
+#define TF_PATCH_ROWS_CLONES(T)                                                                            \
+  __attribute__((target_clones("avx512f", "avx2", "default"), flatten)) void patch_row_range_##T(           \
+      bool to_patches, T* img, T* patches, const PatchGeometry& g, int64_t begin, int64_t end) {            \
+    if (to_patches) patch_row_range<T, true>(img, patches, g, begin, end);                                  \
+    else patch_row_range<T, false>(img, patches, g, begin, end);                                             \
+  }
+TF_PATCH_ROWS_CLONES(uint8_t)
+TF_PATCH_ROWS_CLONES(uint16_t)
+TF_PATCH_ROWS_CLONES(uint32_t)
+TF_PATCH_ROWS_CLONES(uint64_t)
+#undef TF_PATCH_ROWS_CLONES
+
+inline void patch_row_range_any(bool to_patches, uint8_t* img, uint8_t* patches, const PatchGeometry& g,
+                                int64_t begin, int64_t end) {
+  patch_row_range_uint8_t(to_patches, img, patches, g, begin, end);
+}
+inline void patch_row_range_any(bool to_patches, uint16_t* img, uint16_t* patches, const PatchGeometry& g,
+                                int64_t begin, int64_t end) {
+  patch_row_range_uint16_t(to_patches, img, patches, g, begin, end);
+}
+inline void patch_row_range_any(bool to_patches, uint32_t* img, uint32_t* patches, const PatchGeometry& g,
+                                int64_t begin, int64_t end) {
+  patch_row_range_uint32_t(to_patches, img, patches, g, begin, end);
+}
+inline void patch_row_range_any(bool to_patches, uint64_t* img, uint64_t* patches, const PatchGeometry& g,
+                                int64_t begin, int64_t end) {
+  patch_row_range_uint64_t(to_patches, img, patches, g, begin, end);
 }
 
 template <typename T, bool ToPatches>
 void patch_rows_cpu(T* img, T* patches, const PatchGeometry& g) {
-  const int64_t rows = g.B * g.Hp * g.p;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.W * g.C, 1));
-  const bool channels_last = g.sc == 1 && g.sw == g.C;
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t py = r % g.p, hp = (r / g.p) % g.Hp, b = r / (g.p * g.Hp);
-      T* img_row = img + b * g.sb + (hp * g.p + py) * g.sh;
-      T* patch_base = patches + (b * g.Hp * g.Wp + hp * g.Wp) * g.D + py * g.p * g.C;
-      if (channels_last) {
-        const size_t bytes = sizeof(T) * g.p * g.C;
-        for (int64_t wp = 0; wp < g.Wp; ++wp) {
-          T* pixels = img_row + wp * g.p * g.C;
-          T* features = patch_base + wp * g.D;
-          if (ToPatches) std::memcpy(features, pixels, bytes); else std::memcpy(pixels, features, bytes);
-        }
-      } else if (g.sw == 1 && (g.p == 1 || g.p == 2 || g.p == 4 || g.p == 8)) {
-        channels_first_dispatch<T, ToPatches>(img_row, patch_base, g);
-      } else {
-        for (int64_t w = 0; w < g.W; ++w) {
-          T* out = patch_base + (w / g.p) * g.D + (w % g.p) * g.C;
-          T* in = img_row + w * g.sw;
-          for (int64_t c = 0; c < g.C; ++c) move<T, ToPatches>(in + c * g.sc, out + c);
-        }
-      }
-    }
+  const int64_t units = g.B * g.Hp;  // patch rows
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.p * g.W * g.C, 1));
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    patch_row_range_any(ToPatches, img, patches, g, begin, end);
   });
 }
 

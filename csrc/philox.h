@@ -18,9 +18,6 @@
 // words (0, 1) become lanes 0 and 1 (r cos, r sin), words (2, 3) lanes 2 and 3.
 #include <cstdint>
 #include <cstring>
-#if !defined(__CUDACC__) && defined(__SSE__)
-#include <xmmintrin.h>
-#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #pragma GCC optimize("fp-contract=off", "no-math-errno")
@@ -138,50 +135,72 @@ TF_UNROLL
 }
 
 // ------------------------------------------------------------------ Box-Muller
+// The constants of the recipe, shared by the scalar code below and the SIMD versions in noise.cpp.
+namespace recipe {
+constexpr float kSqrtHalf = static_cast<float>(0.707106781186547524);
+// ln(1 + x) = x - x^2/2 + x^3 * P(x), P of degree 8 (Cephes logf), highest coefficient first.
+constexpr float kLog8 = static_cast<float>(7.0376836292E-2), kLog7 = static_cast<float>(-1.1514610310E-1),
+                kLog6 = static_cast<float>(1.1676998740E-1), kLog5 = static_cast<float>(-1.2420140846E-1),
+                kLog4 = static_cast<float>(1.4249322787E-1), kLog3 = static_cast<float>(-1.6668057665E-1),
+                kLog2 = static_cast<float>(2.0000714765E-1), kLog1 = static_cast<float>(-2.4999993993E-1),
+                kLog0 = static_cast<float>(3.3333331174E-1);
+// ln 2 split in a short high part (exact products with small exponents) and a correction.
+constexpr float kLn2Low = static_cast<float>(-2.12194440e-4), kLn2High = static_cast<float>(0.693359375);
+constexpr float kTwoPowMinus24 = 5.9604644775390625e-8f;
+constexpr float kThetaStep = static_cast<float>(3.74507028292216e-07);  // (pi/2) / 2^22
+// sin(t) = t + t^3 * S(t^2), cos(t) = 1 - t^2/2 + t^4 * C(t^2) on |t| < pi/4 (Cephes sinf / cosf).
+constexpr float kSin2 = static_cast<float>(-1.9515295891E-4), kSin1 = static_cast<float>(8.3321608736E-3),
+                kSin0 = static_cast<float>(-1.6666654611E-1);
+constexpr float kCos2 = static_cast<float>(2.443315711809948E-5), kCos1 = static_cast<float>(-1.388731625493765E-3),
+                kCos0 = static_cast<float>(4.166664568298827E-2);
+}  // namespace recipe
+
 // ln(u) for a normal float u in (0, 1]: u = 2^e * m, m in [sqrt(1/2), sqrt(2)), Cephes logf.
 TF_HD float log_unit(float u) {
+  using namespace recipe;
   const uint32_t bits = float_bits(u);
   int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;
   float m = bits_float((bits & 0x007FFFFFu) | 0x3F000000u);  // [0.5, 1)
-  const bool low = m < static_cast<float>(0.707106781186547524);
+  const bool low = m < kSqrtHalf;
   e -= low ? 1 : 0;
   float x = fadd(low ? fadd(m, m) : m, -1.0f);
   const float z = fmul(x, x);
-  float y = static_cast<float>(7.0376836292E-2);
-  y = fadd(fmul(y, x), static_cast<float>(-1.1514610310E-1));
-  y = fadd(fmul(y, x), static_cast<float>(1.1676998740E-1));
-  y = fadd(fmul(y, x), static_cast<float>(-1.2420140846E-1));
-  y = fadd(fmul(y, x), static_cast<float>(1.4249322787E-1));
-  y = fadd(fmul(y, x), static_cast<float>(-1.6668057665E-1));
-  y = fadd(fmul(y, x), static_cast<float>(2.0000714765E-1));
-  y = fadd(fmul(y, x), static_cast<float>(-2.4999993993E-1));
-  y = fadd(fmul(y, x), static_cast<float>(3.3333331174E-1));
+  float y = kLog8;
+  y = fadd(fmul(y, x), kLog7);
+  y = fadd(fmul(y, x), kLog6);
+  y = fadd(fmul(y, x), kLog5);
+  y = fadd(fmul(y, x), kLog4);
+  y = fadd(fmul(y, x), kLog3);
+  y = fadd(fmul(y, x), kLog2);
+  y = fadd(fmul(y, x), kLog1);
+  y = fadd(fmul(y, x), kLog0);
   y = fmul(fmul(y, x), z);
   const float fe = static_cast<float>(e);
-  y = fadd(y, fmul(static_cast<float>(-2.12194440e-4), fe));
+  y = fadd(y, fmul(kLn2Low, fe));
   y = fadd(y, fmul(-0.5f, z));
   x = fadd(x, y);
-  return fadd(x, fmul(static_cast<float>(0.693359375), fe));
+  return fadd(x, fmul(kLn2High, fe));
 }
 
 // (r cos a, r sin a) from two uniform words: r = sqrt(-2 ln u1) with u1 = (w1 >> 8 + 1) / 2^24 in
 // (0, 1]; the angle a = q * pi/2 + theta, q the top two bits of the 24 kept bits of w2 and theta
 // uniform in (-pi/4, pi/4) from the other 22, so sin/cos only ever see |theta| < pi/4.
 TF_HD void box_muller(uint32_t w1, uint32_t w2, float& out_cos, float& out_sin) {
-  const float u1 = fmul(static_cast<float>(static_cast<int32_t>(w1 >> 8) + 1), 5.9604644775390625e-8f);
+  using namespace recipe;
+  const float u1 = fmul(static_cast<float>(static_cast<int32_t>(w1 >> 8) + 1), kTwoPowMinus24);
   const float r = fsqrt(fmul(-2.0f, log_unit(u1)));
   const uint32_t m2 = w2 >> 8;
   const uint32_t quadrant = m2 >> 22;
   const float centered = fadd(static_cast<float>(static_cast<int32_t>(m2 & 0x3FFFFFu) - 0x200000), 0.5f);
-  const float theta = fmul(centered, static_cast<float>(3.74507028292216e-07));  // (pi/2) / 2^22
+  const float theta = fmul(centered, kThetaStep);
   const float z = fmul(theta, theta);
-  float sp = static_cast<float>(-1.9515295891E-4);
-  sp = fadd(fmul(sp, z), static_cast<float>(8.3321608736E-3));
-  sp = fadd(fmul(sp, z), static_cast<float>(-1.6666654611E-1));
+  float sp = kSin2;
+  sp = fadd(fmul(sp, z), kSin1);
+  sp = fadd(fmul(sp, z), kSin0);
   const float s = fadd(theta, fmul(fmul(theta, z), sp));
-  float cp = static_cast<float>(2.443315711809948E-5);
-  cp = fadd(fmul(cp, z), static_cast<float>(-1.388731625493765E-3));
-  cp = fadd(fmul(cp, z), static_cast<float>(4.166664568298827E-2));
+  float cp = kCos2;
+  cp = fadd(fmul(cp, z), kCos1);
+  cp = fadd(fmul(cp, z), kCos0);
   const float c = fadd(fadd(1.0f, fmul(-0.5f, z)), fmul(fmul(z, z), cp));
   // Rotation by quadrant * 90 degrees: swaps and sign flips only, no rounding.
   const float cos_a = quadrant == 0 ? c : quadrant == 1 ? -s : quadrant == 2 ? -c : s;
@@ -199,105 +218,10 @@ TF_HD void philox_normal4(uint64_t seed, uint64_t block, float out[4]) {
 }
 
 #if !defined(__CUDACC__)
-// ------------------------------------------------------------------ CPU lanes of the same recipe
-// philox_normal4 for kLanes consecutive blocks at once, written with GCC vector extensions so the
-// CPU kernels run it in SIMD registers. Operation for operation the scalar code above (the tests
-// assert bit equality with the reference twin, which mirrors the scalar code).
-// Casts between these same-size vector types reinterpret the bits (GCC vector extensions).
-// Every function here is always_inline, so the 32-byte-vector calling convention never applies
-// (GCC still warns about it, at the definitions and at the SIMD-clone callers: silenced).
-#pragma GCC diagnostic ignored "-Wpsabi"
-namespace lanes {
-constexpr int kLanes = 8;
-typedef uint32_t U32 __attribute__((vector_size(4 * kLanes)));
-typedef int32_t I32 __attribute__((vector_size(4 * kLanes)));
-typedef float F32 __attribute__((vector_size(4 * kLanes)));
-typedef uint64_t U64 __attribute__((vector_size(8 * kLanes)));
-
-inline __attribute__((always_inline)) U32 mulhi32(uint32_t m, U32 a) {
-  return __builtin_convertvector((__builtin_convertvector(a, U64) * static_cast<uint64_t>(m)) >> 32, U32);
-}
-
-inline __attribute__((always_inline)) F32 log_unit(F32 u) {
-  const U32 bits = (U32)u;
-  I32 e = (I32)((bits >> 23) & 0xFFu) - 126;
-  U32 mantissa_bits = (bits & 0x007FFFFFu) | 0x3F000000u;
-  const F32 m = (F32)mantissa_bits;
-  const I32 low = m < static_cast<float>(0.707106781186547524);  // -1 (true) or 0
-  e += low;
-  F32 x = (low ? m + m : m) - 1.0f;
-  const F32 z = x * x;
-  F32 y = x * static_cast<float>(7.0376836292E-2) + static_cast<float>(-1.1514610310E-1);
-  y = y * x + static_cast<float>(1.1676998740E-1);
-  y = y * x + static_cast<float>(-1.2420140846E-1);
-  y = y * x + static_cast<float>(1.4249322787E-1);
-  y = y * x + static_cast<float>(-1.6668057665E-1);
-  y = y * x + static_cast<float>(2.0000714765E-1);
-  y = y * x + static_cast<float>(-2.4999993993E-1);
-  y = y * x + static_cast<float>(3.3333331174E-1);
-  y = (y * x) * z;
-  const F32 fe = __builtin_convertvector(e, F32);
-  y = y + static_cast<float>(-2.12194440e-4) * fe;
-  y = y + -0.5f * z;
-  x = x + y;
-  return x + static_cast<float>(0.693359375) * fe;
-}
-
-inline __attribute__((always_inline)) void box_muller(U32 w1, U32 w2, F32& out_cos, F32& out_sin) {
-  const F32 u1 = __builtin_convertvector((I32)(w1 >> 8) + 1, F32) * 5.9604644775390625e-8f;
-  const F32 r_squared = -2.0f * log_unit(u1);
-  F32 r;
-#if defined(__SSE__)
-  // sqrtps (correctly rounded, like sqrtf): GCC would keep a scalar errno-checking sqrtf per lane.
-  alignas(32) float lane_values[kLanes];
-  __builtin_memcpy(lane_values, &r_squared, sizeof r_squared);
-  for (int l = 0; l < kLanes; l += 4) _mm_store_ps(lane_values + l, _mm_sqrt_ps(_mm_load_ps(lane_values + l)));
-  __builtin_memcpy(&r, lane_values, sizeof r);
-#else
-  for (int l = 0; l < kLanes; ++l) r[l] = __builtin_sqrtf(r_squared[l]);
-#endif
-  const U32 m2 = w2 >> 8;
-  const U32 quadrant = m2 >> 22;
-  const F32 centered = __builtin_convertvector((I32)(m2 & 0x3FFFFFu) - 0x200000, F32) + 0.5f;
-  const F32 theta = centered * static_cast<float>(3.74507028292216e-07);
-  const F32 z = theta * theta;
-  F32 sp = static_cast<float>(-1.9515295891E-4) * z + static_cast<float>(8.3321608736E-3);
-  sp = sp * z + static_cast<float>(-1.6666654611E-1);
-  const F32 s = theta + (theta * z) * sp;
-  F32 cp = static_cast<float>(2.443315711809948E-5) * z + static_cast<float>(-1.388731625493765E-3);
-  cp = cp * z + static_cast<float>(4.166664568298827E-2);
-  const F32 c = (1.0f + -0.5f * z) + (z * z) * cp;
-  const F32 cos_a = quadrant == 0 ? c : quadrant == 1 ? -s : quadrant == 2 ? -c : s;
-  const F32 sin_a = quadrant == 0 ? s : quadrant == 1 ? c : quadrant == 2 ? -s : -c;
-  out_cos = r * cos_a;
-  out_sin = r * sin_a;
-}
-
-// The normals of blocks [first_block, first_block + kLanes) into out[0, 4 * kLanes).
-inline __attribute__((always_inline)) void philox_normal4(uint64_t seed, uint64_t first_block, float* out) {
-  U32 c0, c1, c2 = {}, c3 = {};
-  for (int l = 0; l < kLanes; ++l) {
-    c0[l] = static_cast<uint32_t>(first_block + l);
-    c1[l] = static_cast<uint32_t>((first_block + l) >> 32);
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const U32 hi0 = mulhi32(kPhiloxM0, c0), lo0 = c0 * kPhiloxM0;
-    const U32 hi1 = mulhi32(kPhiloxM1, c2), lo1 = c2 * kPhiloxM1;
-    c0 = hi1 ^ c1 ^ k0; c1 = lo1; c2 = hi0 ^ c3 ^ k1; c3 = lo0;
-    k0 += kPhiloxW0; k1 += kPhiloxW1;
-  }
-  F32 z0, z1, z2, z3;
-  box_muller(c0, c1, z0, z1);
-  box_muller(c2, c3, z2, z3);
-  for (int l = 0; l < kLanes; ++l) {
-    out[4 * l] = z0[l]; out[4 * l + 1] = z1[l]; out[4 * l + 2] = z2[l]; out[4 * l + 3] = z3[l];
-  }
-}
-}  // namespace lanes
-
 // Fills buf with the normals of flat elements [first, first + n), rounded up to whole Philox blocks
-// (buf must hold 4 * ceil(n / 4) floats); first % 4 == 0. Defined in noise.cpp (SIMD clones).
+// (buf must hold 4 * ceil(n / 4) floats); first % 4 == 0. Defined in noise.cpp: AVX-512 / AVX2
+// versions of the recipe above, picked by CPU feature at run time, with this scalar code as the
+// fallback and for the tail; every version gives the same bits.
 void philox_normals_cpu(uint64_t seed, int64_t first, int64_t n, float* buf);
 #endif
 

@@ -51,6 +51,29 @@ def test_compiled_noise_is_bitwise_the_reference(numel, seed):
     assert torch.equal(_noise(seed, numel), philox_normal_reference(seed, numel))
 
 
+def test_every_cpu_code_path_this_machine_runs_gives_the_reference_bits():
+    # AVX-512 (16 blocks at a time), AVX2 (8) and scalar: tails of every length, and a range where the
+    # low word of the block counter wraps inside one SIMD group (blocks 2^32 - 5 ...).
+    compiled = _ext.ops()
+    isas = compiled.philox_normal_isas()
+    assert "scalar" in isas
+    wrap = 4 * (2 ** 32 - 5)
+    for seed, first, numel in ((0, 0, 4099), (2 ** 63 - 1, 0, 257), (2 ** 40 + 7, 64, 1), (3, wrap, 200)):
+        expected = philox_normal_reference(seed, numel, first=first)
+        for isa in ["auto", *isas]:
+            got = compiled.philox_normal(seed, first, numel, isa)
+            assert torch.equal(got, expected), (isa, seed, first, numel)
+
+
+def test_cpu_code_path_names_are_checked():
+    with pytest.raises(RuntimeError, match="isa must be"):
+        _ext.ops().philox_normal(0, 0, 8, "sse9")
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        _ext.ops().philox_normal(0, 2, 8, "auto")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        philox_normal_reference(0, 8, first=2)
+
+
 def test_box_muller_polynomials_agree_with_libm_to_float32_rounding():
     numel = 1 << 14
     blocks = torch.arange(numel // 4)

@@ -43,6 +43,18 @@ def test_patchify_and_unpatchify_equal_reference_bitwise(batch, channels, p, lay
         assert torch.equal(back, images)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("p, channels, grid_w", [(8, 8, 37), (2, 4, 1030), (4, 5, 131), (1, 3, 4099)])
+def test_wide_rows_span_several_blocks_and_tiles(dtype, p, channels, grid_w):
+    # The channels-first CPU kernel moves a patch row through an L1 block of whole patches (32 KiB)
+    # and each image row through a pixel-major tile (16 KiB): these widths need several of each,
+    # the last one partial.
+    images = torch.randn(2, channels, 2 * p, grid_w * p).to(dtype)
+    patches = patchify(images, p)
+    assert torch.equal(_bits(patches), _bits(patchify_reference(images, p)))
+    assert torch.equal(_bits(unpatchify(patches, p, 2 * p, grid_w * p)), _bits(images))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_every_float_dtype_is_moved_bit_for_bit(dtype, layout):

@@ -176,10 +176,13 @@ def _box_muller_reference(w1: torch.Tensor, w2: torch.Tensor):
     return r * cos_a, r * sin_a
 
 
-def philox_normal_reference(seed: int, numel: int, device="cpu") -> torch.Tensor:
-    """The first ``numel`` standard normals (float32) of ``seed``: element ``i`` is lane ``i % 4`` of
-    Philox block ``i // 4`` (see csrc/philox.h); bit-identical to the compiled kernels."""
-    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+def philox_normal_reference(seed: int, numel: int, device="cpu", first: int = 0) -> torch.Tensor:
+    """The ``numel`` standard normals (float32) of ``seed`` from flat element ``first`` on (a multiple
+    of 4): element ``i`` is lane ``i % 4`` of Philox block ``i // 4`` (see csrc/philox.h);
+    bit-identical to the compiled kernels."""
+    if first < 0 or first % 4:
+        raise ValueError(f"first must be a non-negative multiple of 4, got {first!r}")
+    blocks = torch.arange(first // 4, first // 4 + (numel + 3) // 4, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(blocks)
     counters = torch.stack([blocks & _MASK32, blocks >> 32, zeros, zeros], 1)
     keys = torch.stack([zeros + (seed & _MASK32), zeros + (seed >> 32)], 1)
