@@ -60,14 +60,20 @@ def _wall_ms(fn, rounds: int = 30) -> float:
     return best * 1e3
 
 
-def combined(head_dim: int, copies: int) -> list[dict]:
+def _problem(head_dim: int, copies: int):
+    """The bench's Transfusion layout (``copies`` documents), bf16 q, k, v, dO, heads = 2048 // D,
+    and the shipped tile config for this GPU."""
     layout = transfusion_example(7, 256, 32, num_sequences=copies, device="cuda")
     heads = 2048 // head_dim
     q, k, v = random_qkv(layout.num_keys, layout.num_keys, heads, heads, head_dim,
                          dtype=torch.bfloat16, device="cuda", seed=0)
-    do = torch.randn_like(q)
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     shipped = attn.tile_config(head_dim, torch.bfloat16, attn._gpu_arch(q.device))
+    return layout, heads, q, k, v, torch.randn_like(q), shipped
+
+
+def combined(head_dim: int, copies: int) -> list[dict]:
+    layout, _, q, k, v, do, shipped = _problem(head_dim, copies)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     rows = []
     for values in [tuple(shipped.as_list())] + [c for c in COMBINED.get(head_dim, []) if c != tuple(shipped.as_list())]:
         config = attn.TileConfig.from_list(values)
@@ -105,13 +111,8 @@ def _with(config, kernel: str, cand) -> attn.TileConfig:
 
 
 def sweep(head_dim: int, copies: int) -> list[dict]:
-    layout = transfusion_example(7, 256, 32, num_sequences=copies, device="cuda")
-    heads = 2048 // head_dim
-    q, k, v = random_qkv(layout.num_keys, layout.num_keys, heads, heads, head_dim,
-                         dtype=torch.bfloat16, device="cuda", seed=0)
-    do = torch.randn_like(q)
+    layout, heads, q, k, v, do, shipped = _problem(head_dim, copies)
     scale = head_dim ** -0.5
-    shipped = attn.tile_config(head_dim, torch.bfloat16, attn._gpu_arch(q.device))
     visible = layout.visible_elements() * heads
     rows = []
 
