@@ -62,19 +62,23 @@ def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, q_start, 
 @torch.library.custom_op("transfusion_fast::cpu_attention_backward", mutates_args=(),
                          device_types="cpu")
 def _cpu_attention_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                               v: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                               v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                               grad_lse: torch.Tensor | None,
                                kv_start: torch.Tensor, kv_end: torch.Tensor, q_start: torch.Tensor,
                                q_end: torch.Tensor, q_lo: torch.Tensor,
                                q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
                                block_m: int, block_n: int,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (contiguous, in the inputs' dtypes)."""
-    return _ext.ops().attention_cpu_bwd(grad_o, q, k, v, lse, delta, kv_start, kv_end, q_start, q_end,
+    """dq, dk, dv (contiguous, in the inputs' dtypes).
+
+    The kernel computes delta_i = Σ_d dO·O itself; a gradient flowing into the LSE (``grad_lse``)
+    adds grad_lse_i · P_ij to dS_ij (∂lse_i/∂s_ij = P_ij), the same as subtracting it from delta."""
+    return _ext.ops().attention_cpu_bwd(grad_o, q, k, v, o, lse, grad_lse, kv_start, kv_end, q_start, q_end,
                                         q_lo, q_hi, q_full_lo, q_full_hi, block_m, block_n, scale)
 
 
 @_cpu_attention_backward_op.register_fake
-def _(grad_o, q, k, v, lse, delta, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi, block_m,
+def _(grad_o, q, k, v, o, lse, grad_lse, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi, block_m,
       block_n, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -90,12 +94,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi = ctx.saved_tensors
-    # delta_i = Σ_d dO·O. A gradient flowing into the LSE itself adds grad_lse_i · P_ij to dS_ij
-    # (∂lse_i/∂s_ij = P_ij), which is the same as subtracting it from delta.
-    delta = (grad_o.to(lse.dtype) * o.to(lse.dtype)).sum(-1).transpose(0, 1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(lse.dtype)
-    dq, dk, dv = _cpu_attention_backward_op(grad_o.contiguous(), q, k, v, lse, delta.contiguous(),
+    dq, dk, dv = _cpu_attention_backward_op(grad_o.contiguous(), q, k, v, o, lse, grad_lse,
                                             kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo,
                                             q_full_hi, ctx.block_m, ctx.block_n, ctx.scale)
     return (dq, dk, dv) + (None,) * 17
