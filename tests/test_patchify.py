@@ -55,6 +55,17 @@ def test_wide_rows_span_several_blocks_and_tiles(dtype, p, channels, grid_w):
     assert torch.equal(_bits(unpatchify(patches, p, 2 * p, grid_w * p)), _bits(images))
 
 
+@pytest.mark.parametrize("shape, p", [((1, 4, 520, 1030), 2), ((1, 3, 704, 1004), 4)])
+def test_large_outputs_written_around_the_caches_are_exact(shape, p):
+    # From 8 MiB on, the CPU kernels write the patch side with non-temporal stores: whole 64-byte
+    # lines only, rows that start and end off a line boundary (W * 4 bytes not a multiple of 64).
+    images = torch.randn(shape)
+    assert images.numel() * 4 >= 8 << 20
+    patches = patchify(images, p)
+    assert torch.equal(patches, patchify_reference(images, p))
+    assert torch.equal(unpatchify(patches, p, shape[2], shape[3]), images)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_every_float_dtype_is_moved_bit_for_bit(dtype, layout):
