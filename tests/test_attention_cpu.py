@@ -121,6 +121,45 @@ def test_edge_layouts(kind):
     _check_against_reference(layout, 4, 1, 64, torch.float32, (16, 16), backward_block=(16, 16))
 
 
+# ------------------------------------------------------------------------------ document-aware walk
+@pytest.mark.parametrize("blocks", [(FORWARD_BLOCKS, BACKWARD_BLOCKS), ((64, 64), (64, 64)), ((256, 128), (16, 256))])
+def test_long_packed_documents(blocks):
+    # A 1,100-token document (mask-free runs longer than one 1,024-key GEMM), documents ending
+    # inside row and key tiles, a run of short documents that merge into one masked segment, GQA.
+    cu = torch.tensor([0, 1100, 1109, 1113, 1114, 1130, 1290, 1300])
+    forward_blocks, backward_blocks = blocks
+    _check_against_reference(Layout.causal(cu), 4, 2, 32, torch.float32, forward_blocks,
+                             backward_block=backward_blocks)
+
+
+@pytest.mark.parametrize("layout", [
+    Layout.causal(torch.tensor([0, 100, 170, 300])),
+    Layout.transfusion(torch.tensor([0, 100, 170, 300]), torch.tensor([[90, 100], [100, 140], [200, 260]])),
+    Layout.bidirectional(torch.tensor([0, 100, 170, 300]))], ids=["causal", "transfusion", "bidirectional"])
+@pytest.mark.parametrize("blocks", [(FORWARD_BLOCKS, BACKWARD_BLOCKS), ((64, 64), (64, 64))])
+def test_documents_never_read_each_other(layout, blocks):
+    # The documents end inside tiles. NaN in every input of the middle document: a row, key or
+    # gradient of another document that met it even once (a masked 0 times NaN is NaN) would turn
+    # NaN, so finite values elsewhere show that the walk stays inside each document, forward and
+    # backward. They must also still match the reference.
+    forward_blocks, backward_blocks = blocks
+    q, k, v = random_qkv(300, 300, 2, 2, 64, seed=3)
+    grad_o = torch.randn(300, 2, 64)
+    poisoned = slice(100, 170)
+    for t in (q, k, v, grad_o):
+        t[poisoned] = float("nan")
+    leaves = tuple(t.clone().requires_grad_(True) for t in (q, k, v))
+    o, _ = cpu_attention(*leaves, layout, 0.125, forward_blocks, backward_blocks)
+    grads = torch.autograd.grad(o, leaves, grad_o)
+    clean = torch.ones(300, dtype=torch.bool)
+    clean[poisoned] = False
+    want = attention_reference(*(t.nan_to_num(0.0).requires_grad_(True) for t in (q, k, v)), layout, 0.125)
+    for name, got in zip(("o", "dq", "dk", "dv"), (o, *grads)):
+        assert torch.isfinite(got[clean]).all(), f"{name}: another document read the NaN document"
+        assert torch.isnan(got[poisoned]).all(), f"{name}: the NaN document itself must stay NaN"
+    _assert_close(o[clean], want[clean], TOLERANCES[torch.float32], "o outside the NaN document")
+
+
 # ------------------------------------------------------------------------------ dense oracle
 @settings(max_examples=15)
 @given(layout=layouts(), group=st.sampled_from([1, 2, 4]), block=BLOCKS, seed=st.integers(0, 2**16))
