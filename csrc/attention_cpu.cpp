@@ -232,10 +232,11 @@ TF_MULTIVERSION void probs_dscores_tile_f32(float* S, float* dP, int64_t ld, int
 // forward pass on packed documents). Here every row is a sequence of 16-lane steps with lane
 // masks: the visible columns come from the row's interval, the rest of the row is written as 0.
 #define TF_AVX512 __attribute__((target("avx512f")))
-// GCC 12's AVX-512 headers build reductions from _mm512_undefined_*(), which -Wmaybe-uninitialized
-// reports at every use once inlined here.
+// GCC 12's AVX-512 headers build reductions and unpacks from _mm512_undefined_*(), which
+// -W(maybe-)uninitialized reports at every use once inlined here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // exp_approx on 16 lanes: same range reduction, polynomial (FMA) and underflow rule.
 TF_AVX512 TF_INLINE __m512 exp_approx16(__m512 x) {
@@ -319,6 +320,33 @@ TF_AVX512 void probs_dscores_tile_avx512(float* S, float* dP, int64_t ld, int64_
       _mm512_mask_storeu_ps(dp + j, row, ds);
     }
   }
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a 16 x 16 block, in registers.
+TF_AVX512 void transpose16x16_avx512(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld_dst, r[i]);
 }
 
 const bool kUseAvx512 = __builtin_cpu_supports("avx512f");
@@ -613,6 +641,33 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
 // 256 rows ~5% faster forward+backward than one GEMM per 64-row tile; 128, 512 and 2,048 slower).
 constexpr int64_t kBackwardGemmRows = 256;
 
+// dst[d * ld + i] = src[i * s0 + d] for `count` keys of one head (unit stride on d): the backward
+// task's own keys as (D, count), so that its score products run as NN GEMMs. Done per task into a
+// per-thread buffer: the head's keys are then in L2 for the GEMMs that follow, and no
+// (Hkv, D, Tk) tensor is allocated (fresh pages cost ~0.85 us each here).
+template <typename T>
+void transpose_keys(const T* src, int64_t s0, int64_t count, int64_t dim, T* dst, int64_t ld) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t t0 = 0; t0 < count; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, count - t0);
+    for (int64_t d0 = 0; d0 < dim; d0 += kBlock) {
+      const int64_t m = std::min(kBlock, dim - d0);
+#if TF_AVX512_PATH
+      if constexpr (std::is_same_v<T, float>) {
+        if (kUseAvx512 && n == kBlock && m == kBlock) {
+          transpose16x16_avx512(src + t0 * s0 + d0, s0, dst + d0 * ld + t0, ld);
+          continue;
+        }
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        const T* row = src + (t0 + i) * s0 + d0;
+        for (int64_t j = 0; j < m; ++j) dst[(d0 + j) * ld + t0 + i] = row[j];
+      }
+    }
+  }
+}
+
 // The backward's mirror of the forward's walk: inside a key tile, the keys of one document (same
 // q_end) form a segment that only meets its own query rows; the rows that see every key of the
 // segment run mask-free over all its keys, the rest in key sub-blocks of kMaskedCols.
@@ -621,16 +676,14 @@ constexpr int64_t kMinSegmentCols = 16;
 
 template <typename T>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& lse, const at::Tensor& delta,
+                     const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
                      at::Tensor& dq_parts, at::Tensor& dk, at::Tensor& dv, const int32_t* kv_start,
                      const int32_t* kv_end, const int32_t* q_start, const int32_t* q_end,
                      const int32_t* q_lo, const int32_t* q_hi, const int32_t* q_full_lo,
                      const int32_t* q_full_hi, const Geometry& g, int64_t num_chunks, T scale) {
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
-  const T* ktp = k_t.const_data_ptr<T>();
-  const T* vtp = v_t.const_data_ptr<T>();
-  const int64_t skt = g.d * g.tk;
+  const T* vp = v.const_data_ptr<T>();
   const T* dop = grad_out.const_data_ptr<T>();
   const T* lp = lse.const_data_ptr<T>();
   const T* deltap = delta.const_data_ptr<T>();
@@ -638,6 +691,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   T* dkp = dk.mutable_data_ptr<T>();
   T* dvp = dv.mutable_data_ptr<T>();
   const int64_t sq0 = q.stride(0), sq1 = q.stride(1), sk0 = k.stride(0), sk1 = k.stride(1);
+  const int64_t sv0 = v.stride(0), sv1 = v.stride(1);
   const int64_t sdo0 = grad_out.stride(0), sdo1 = grad_out.stride(1);
   const int64_t sdq0 = g.hq * g.d, dq_part_size = g.tq * g.hq * g.d;
   const int64_t num_n = (g.tk + g.bn - 1) / g.bn;
@@ -660,17 +714,27 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   // Query rows per GEMM: consecutive visited rows are contiguous, so one GEMM covers up to
   // max_rows of them.
   const int64_t max_rows = std::max<int64_t>(kBackwardGemmRows, g.bm);
+  // The task's keys and values as (D, keys); the row stride is padded off a power of two, which
+  // would map a transposed block's 16 rows onto one cache set.
+  int64_t max_keys = 0;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    max_keys = std::max(max_keys, std::min(bounds[c + 1] * g.bn, g.tk) - bounds[c] * g.bn);
+  }
+  const int64_t ld_t = max_keys + 16;
   run_tasks(heaviest_first(work), [&]() {
-    auto tiles = std::make_shared<std::vector<T>>(2 * max_rows * g.bn + 2 * g.bn * g.d);
+    auto tiles = std::make_shared<std::vector<T>>(2 * max_rows * g.bn + 2 * g.bn * g.d + 2 * g.d * ld_t);
     return [=, &g, &bounds](int64_t t) {
       const int64_t hk = t / num_chunks, c = t % num_chunks;
       T* P = tiles->data();
       T* dS = P + max_rows * g.bn;
       T* dK = dS + max_rows * g.bn;
       T* dV = dK + g.bn * g.d;
+      T* kt_t = dV + g.bn * g.d;
+      T* vt_t = kt_t + g.d * ld_t;
       T* dq = dqp + c * dq_part_size;
-      const T* kt_t = ktp + hk * skt;
-      const T* vt_t = vtp + hk * skt;
+      const int64_t k0 = bounds[c] * g.bn, k1 = std::min(bounds[c + 1] * g.bn, g.tk);
+      transpose_keys(kp + k0 * sk0 + hk * sk1, sk0, k1 - k0, g.d, kt_t, ld_t);
+      transpose_keys(vp + k0 * sv0 + hk * sv1, sv0, k1 - k0, g.d, vt_t, ld_t);
       for (int64_t n = bounds[c]; n < bounds[c + 1]; ++n) {
         const int64_t c0 = n * g.bn, cols = std::min(g.bn, g.tk - c0);
         std::fill(dK, dK + 2 * g.bn * g.d, T(0));
@@ -686,8 +750,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             const int64_t rows = std::min(max_rows, r_hi - r0);
             const T* qt = qp + r0 * sq0 + h * sq1;
             const T* dot = dop + r0 * sdo0 + h * sdo1;
-            gemm(kN, kN, w, rows, g.d, scale, kt_t + ja, g.tk, qt, sq0, T(0), P, g.bn);     // S
-            gemm(kN, kN, w, rows, g.d, T(1), vt_t + ja, g.tk, dot, sdo0, T(0), dS, g.bn);  // dP = dO V^T
+            gemm(kN, kN, w, rows, g.d, scale, kt_t + (ja - k0), ld_t, qt, sq0, T(0), P, g.bn);     // S
+            gemm(kN, kN, w, rows, g.d, T(1), vt_t + (ja - k0), ld_t, dot, sdo0, T(0), dS, g.bn);  // dP = dO V^T
             probs_dscores(P, dS, g.bn, rows, w, mask_start ? mask_start + r0 : nullptr, kv_end + r0, ja,
                           lp + h * g.tq + r0, deltap + h * g.tq + r0);                     // P, dS
             gemm(kN, kT, g.d, w, rows, T(1), dot, sdo0, P, g.bn, T(1), dVj, g.d);           // dV += P^T dO
@@ -805,7 +869,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
   at::Tensor dk = at::empty({g.tk, g.hkv, g.d}, q.options());
   at::Tensor dv = at::empty({g.tk, g.hkv, g.d}, q.options());
   AT_DISPATCH_FLOATING_TYPES(compute, "attention_cpu_bwd", [&] {
-    backward_kernel<scalar_t>(grad_out, q, k, heads_dim_tokens<scalar_t>(k), heads_dim_tokens<scalar_t>(v), lse, delta, dq_parts, dk, dv,
+    backward_kernel<scalar_t>(grad_out, q, k, v, lse, delta, dq_parts, dk, dv,
                               kv_start.const_data_ptr<int32_t>(), kv_end.const_data_ptr<int32_t>(),
                               q_start.const_data_ptr<int32_t>(), q_end.const_data_ptr<int32_t>(),
                               q_lo.const_data_ptr<int32_t>(), q_hi.const_data_ptr<int32_t>(),
