@@ -436,35 +436,49 @@ at::ScalarType compute_type(const at::Tensor& q) {
   return dt == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// x (T, H, D) with unit stride on D, as (H, D, T) contiguous: the keys / values per head with
-// tokens innermost (see k_t below). Tensor::permute().contiguous() walks this in the worst order for
-// the cache (measured 3.7 ms for 2,048 x 8 x 64 fp32 on 2 threads, a quarter of the forward on
-// packed documents). Here each task reads kBlock whole tokens (all heads) in memory order into a
-// small buffer and writes them out as kBlock-long runs per (head, dim).
+// dst[d * ld + i] = src[i * s0 + d] for `count` keys of one head (unit stride on d): keys as
+// (D, count), so that the score products run as NN GEMMs (MKL's transposed-A kernel measured ~40%
+// slower per flop here). ld should not be a power of two: the 16 rows a block writes would share
+// one cache set. (Tensor::permute().contiguous() took 3.7 ms for 2,048 x 8 x 64 fp32 on 2 threads,
+// a quarter of the forward on packed documents.)
+template <typename T>
+void transpose_keys(const T* src, int64_t s0, int64_t count, int64_t dim, T* dst, int64_t ld) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t t0 = 0; t0 < count; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, count - t0);
+    for (int64_t d0 = 0; d0 < dim; d0 += kBlock) {
+      const int64_t m = std::min(kBlock, dim - d0);
+#if TF_AVX512_PATH
+      if constexpr (std::is_same_v<T, float>) {
+        if (kUseAvx512 && n == kBlock && m == kBlock) {
+          transpose16x16_avx512(src + t0 * s0 + d0, s0, dst + d0 * ld + t0, ld);
+          continue;
+        }
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        const T* row = src + (t0 + i) * s0 + d0;
+        for (int64_t j = 0; j < m; ++j) dst[(d0 + j) * ld + t0 + i] = row[j];
+      }
+    }
+  }
+}
+
+// The keys of every head as (H, D, T) with a padded row stride (see transpose_keys): the forward's
+// row tiles of all heads share it. The backward instead transposes per task (backward_kernel).
 template <typename T>
 at::Tensor heads_dim_tokens(const at::Tensor& x) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), s0 = x.stride(0), s1 = x.stride(1);
-  at::Tensor out = at::empty({heads, dim, tokens}, x.options());
+  at::Tensor out = at::empty({heads, dim, tokens + 16}, x.options()).narrow(2, 0, tokens);
   const T* src = x.const_data_ptr<T>();
   T* dst = out.mutable_data_ptr<T>();
-  constexpr int64_t kBlock = 32;
+  const int64_t ld = out.stride(1);
+  constexpr int64_t kBlock = 256;
   const int64_t token_blocks = (tokens + kBlock - 1) / kBlock;
-  at::parallel_for(0, token_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(heads * dim * kBlock);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t t0 = block * kBlock, n = std::min(tokens - t0, kBlock);
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t h = 0; h < heads; ++h) {
-          const T* row = src + (t0 + i) * s0 + h * s1;
-          T* column = buffer.data() + h * dim * kBlock + i;
-          for (int64_t d = 0; d < dim; ++d) column[d * kBlock] = row[d];
-        }
-      }
-      for (int64_t hd = 0; hd < heads * dim; ++hd) {
-        const T* run = buffer.data() + hd * kBlock;
-        T* to = dst + hd * tokens + t0;
-        for (int64_t i = 0; i < n; ++i) to[i] = run[i];
-      }
+  at::parallel_for(0, heads * token_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / token_blocks, t0 = (task % token_blocks) * kBlock;
+      transpose_keys(src + t0 * s0 + h * s1, s0, std::min(kBlock, tokens - t0), dim, dst + h * out.stride(0) + t0, ld);
     }
   });
   return out;
@@ -508,8 +522,7 @@ void for_each_segment(const int32_t* start, int64_t lo, int64_t hi, int64_t min_
   }
 }
 
-// k_t / v_t: the keys / values as (Hkv, D, Tk) contiguous, so that the score products Q K^T and
-// dO V^T run as plain (NN) GEMMs: MKL's transposed-A kernel measured ~40% slower per flop here.
+// k_t: the keys as (Hkv, D, Tk) (heads_dim_tokens), so that S = Q K^T runs as a plain NN GEMM.
 // Keys per forward GEMM: consecutive visited key tiles of a row tile are merged up to this many
 // columns; the online softmax then runs once over the wide score block (measured on the 2-thread
 // AVX-512 Xeon, T = 2,048 Transfusion layout: with 128 x 64 tiles, 1,024 columns ~10% faster
@@ -536,7 +549,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor
   const T* vp = v.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   T* lp = lse.mutable_data_ptr<T>();
-  const int64_t sq0 = q.stride(0), sq1 = q.stride(1), skt = g.d * g.tk;
+  const int64_t sq0 = q.stride(0), sq1 = q.stride(1), skt = k_t.stride(0), ldkt = k_t.stride(1);
   const int64_t sv0 = v.stride(0), sv1 = v.stride(1);
   const int64_t num_m = (g.tq + g.bm - 1) / g.bm;
   std::vector<int64_t> work(g.hq * num_m);
@@ -565,7 +578,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor
         for (int64_t c0 = c_lo; c0 < c_hi; c0 += max_cols) {
           const int64_t cols = std::min(max_cols, c_hi - c0);
           // S (n x cols, row-major) = scale * Q K^T, i.e. column-major S^T = K Q^T.
-          gemm(kN, kN, cols, n, g.d, scale, kt + c0, g.tk, qp + a * sq0 + h * sq1, sq0, T(0), S, max_cols);
+          gemm(kN, kN, cols, n, g.d, scale, kt + c0, ldkt, qp + a * sq0 + h * sq1, sq0, T(0), S, max_cols);
           softmax_fwd(S, max_cols, n, cols, mask_start ? mask_start + a : nullptr, kv_end + a, c0,
                       row_max + i0, row_sum + i0, O + i0 * g.d, g.d);
           // O += P V, i.e. column-major O^T += V^T P^T.
@@ -640,33 +653,6 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
 // rows (measured on the 2-thread AVX-512 Xeon, T = 2,048 Transfusion layout, block 64 x 128:
 // 256 rows ~5% faster forward+backward than one GEMM per 64-row tile; 128, 512 and 2,048 slower).
 constexpr int64_t kBackwardGemmRows = 256;
-
-// dst[d * ld + i] = src[i * s0 + d] for `count` keys of one head (unit stride on d): the backward
-// task's own keys as (D, count), so that its score products run as NN GEMMs. Done per task into a
-// per-thread buffer: the head's keys are then in L2 for the GEMMs that follow, and no
-// (Hkv, D, Tk) tensor is allocated (fresh pages cost ~0.85 us each here).
-template <typename T>
-void transpose_keys(const T* src, int64_t s0, int64_t count, int64_t dim, T* dst, int64_t ld) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t t0 = 0; t0 < count; t0 += kBlock) {
-    const int64_t n = std::min(kBlock, count - t0);
-    for (int64_t d0 = 0; d0 < dim; d0 += kBlock) {
-      const int64_t m = std::min(kBlock, dim - d0);
-#if TF_AVX512_PATH
-      if constexpr (std::is_same_v<T, float>) {
-        if (kUseAvx512 && n == kBlock && m == kBlock) {
-          transpose16x16_avx512(src + t0 * s0 + d0, s0, dst + d0 * ld + t0, ld);
-          continue;
-        }
-      }
-#endif
-      for (int64_t i = 0; i < n; ++i) {
-        const T* row = src + (t0 + i) * s0 + d0;
-        for (int64_t j = 0; j < m; ++j) dst[(d0 + j) * ld + t0 + i] = row[j];
-      }
-    }
-  }
-}
 
 // The backward's mirror of the forward's walk: inside a key tile, the keys of one document (same
 // q_end) form a segment that only meets its own query rows; the rows that see every key of the
