@@ -22,10 +22,12 @@ __all__ = ["cpu_attention", "FORWARD_BLOCKS", "BACKWARD_BLOCKS", "SUPPORTED_DTYP
 
 #: Tile sizes (query rows, keys) of the forward and of the backward kernel. The kernels merge
 #: consecutive visited tiles into wider BLAS calls (csrc/attention_cpu.cpp, kForwardGemmCols /
-#: kBackwardGemmRows), so the tile sizes mostly set how finely invisible work is skipped at span and
-#: document edges. Measured on a 2-thread AVX-512 Xeon (fp32, 8 heads, head_dim 64, T = 2,048
-#: Transfusion layout): forward 128 x 64 ~3% faster than 128 x 128, backward 32 x 128 ~2% faster
-#: forward+backward than 64 x 128 (and no slower on packed causal documents).
+#: kBackwardGemmRows) and, inside a tile, follow the documents and the rows' intervals (masked work
+#: in 32-wide sub-blocks), so the tile sizes mostly set the task granularity. Measured on a 2-thread
+#: AVX-512 Xeon (fp32, 8 heads, head_dim 64, T = 2,048 Transfusion layout): forward 128 x 64 ~3%
+#: faster than 128 x 128, backward 32 x 128 ~2% faster forward+backward than 64 x 128; on packed
+#: causal documents (T = 2,048, 8 documents) forward 64 / 128 / 256 rows and backward 16 / 32 / 64
+#: rows x 64 / 128 / 256 keys all measured within noise (a few %) of these.
 FORWARD_BLOCKS = (128, 64)
 BACKWARD_BLOCKS = (32, 128)
 
@@ -41,7 +43,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
                       kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
                       kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, q_start: torch.Tensor,
-                      q_end: torch.Tensor, q_lo: torch.Tensor, q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
+                      q_end: torch.Tensor, q_lo: torch.Tensor, q_hi: torch.Tensor,
+                      q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
                       block_m: int, block_n: int, backward_block_m: int, backward_block_n: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (Tq, Hq, D) in q's dtype and lse (Hq, Tq) in the compute dtype (fp32, or fp64 for fp64).
@@ -121,8 +124,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Lay
     rows = layout.tile_table(*forward_blocks)
     cols = layout.tile_table(*backward_blocks)
     o, lse = _cpu_attention_op(q, k, v, layout.kv_start, layout.kv_end, rows.kv_lo, rows.kv_hi,
-                               rows.kv_full_lo, rows.kv_full_hi, layout.q_start, layout.q_end, cols.q_lo, cols.q_hi,
-                               cols.q_full_lo, cols.q_full_hi, rows.block_m, rows.block_n, cols.block_m,
-                               cols.block_n,
-                               float(scale))
+                               rows.kv_full_lo, rows.kv_full_hi, layout.q_start, layout.q_end,
+                               cols.q_lo, cols.q_hi, cols.q_full_lo, cols.q_full_hi, rows.block_m,
+                               rows.block_n, cols.block_m, cols.block_n, float(scale))
     return o, lse.float()
