@@ -460,17 +460,17 @@ _LARGE_D = dict(fwd_block_m=64, fwd_block_n=32, fwd_warps=8, fwd_stages=1, dkdv_
                 bwd_stages=1)
 # sm_90: measured on an H100 (scripts/tune_attention_gpu.py, bf16, the 16k-token Transfusion layout
 # of the attention bench, one kernel varied at a time): 64-row forward tiles with 4 warps and a
-# 3-stage pipeline beat 128-row ones at D = 64 and 128 (fewer partial tiles per row, more
-# programs); square 64 x 64 backward tiles at D = 64; at D = 128 dK/dV keeps 32 query rows per step
-# (64 spills) and dQ takes 64 keys. D = 96 pads to 128 but spills in two of those: 128 x 64 x 8
-# warps forward (within 3% of the best at D = 128) and 64 x 32 dQ.
+# 3-stage pipeline beat 128-row ones at D = 64 (fewer partial tiles per row, more programs);
+# square 64 x 64 backward tiles at D = 64. At D >= 96 the 64-row forward spills in fp16, so it takes
+# 128 x 64 with 8 warps (0.416 against 0.410 ms at D = 128, bf16); dK/dV keeps 32 query rows per
+# step (64 spills) and dQ takes 64 keys, except at D = 96 (padded to 128), whose 64 x 64 dQ spills.
 _SM90_D64 = dict(fwd_block_m=64, fwd_block_n=64, fwd_warps=4, fwd_stages=3, dkdv_block_m=64,
                  dkdv_block_n=64, dkdv_warps=4, dq_block_m=64, dq_block_n=64, dq_warps=4,
                  bwd_stages=2)
-_SM90_D128 = dict(_SM90_D64, dkdv_block_m=32)
+_SM90_D128 = dict(_SM90_D64, fwd_block_m=128, fwd_warps=8, dkdv_block_m=32)
 _SM90 = {
     "small": _SM90_D64,
-    "medium": dict(_SM90_D128, fwd_block_m=128, fwd_warps=8, dq_block_n=32),
+    "medium": dict(_SM90_D128, dq_block_n=32),
     "d128": _SM90_D128,
     "large": dict(_LARGE_D, fwd_block_m=32, dkdv_warps=8, dq_warps=8),
 }
