@@ -285,49 +285,24 @@ void patch_kernel_cpu(const at::Tensor& images, void* patches, const PatchGeomet
 
 }  // namespace
 
-at::Tensor patchify_cpu(const at::Tensor& images, int64_t p) {
-  auto g = patch_geometry(images, p);
-  auto patches = at::empty({g.B, g.Hp * g.Wp, g.D}, images.options());
-  if (patches.numel()) patch_kernel_cpu<true>(images, patches.data_ptr(), g);
-  return patches;
-}
+// The op bodies live in patchify.h, shared with the CUDA registration; this moves the elements.
+constexpr auto move_cpu = [](auto to_patches, const at::Tensor& images, void* patches, const PatchGeometry& g) {
+  patch_kernel_cpu<decltype(to_patches)::value>(images, patches, g);
+};
 
-at::Tensor unpatchify_cpu(const at::Tensor& patches_in, int64_t p, int64_t height, int64_t width) {
-  TORCH_CHECK(patches_in.dim() == 3, "unpatchify: patches must be (B, N, p*p*C), got ", patches_in.dim(), " dims");
-  const int64_t D = patches_in.size(2);
-  TORCH_CHECK(p > 0 && D % (p * p) == 0, "unpatchify: last dim ", D, " is not a multiple of p*p=", p * p);
-  auto images = at::empty({patches_in.size(0), D / (p * p), height, width}, patches_in.options());
-  auto g = patch_geometry(images, p);
-  TORCH_CHECK(patches_in.size(1) == g.Hp * g.Wp, "unpatchify: expected ", g.Hp * g.Wp, " patches for ",
-              height, "x", width, " with p=", p, ", got ", patches_in.size(1));
-  auto patches = patches_in.contiguous();
-  if (patches.numel()) patch_kernel_cpu<false>(images, patches.data_ptr(), g);
-  return images;
+at::Tensor patchify_cpu(const at::Tensor& images, int64_t p) { return patchify_with(images, p, move_cpu); }
+
+at::Tensor unpatchify_cpu(const at::Tensor& patches, int64_t p, int64_t height, int64_t width) {
+  return unpatchify_with(patches, p, height, width, move_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> patchify_packed_cpu(at::TensorList images, int64_t p) {
-  const PackedPlan plan = packed_plan(images, p);
-  auto patches = at::empty({plan.offsets.back(), plan.D}, images[0].options());
-  for (size_t i = 0; i < images.size(); ++i) {
-    if (plan.offsets[i + 1] == plan.offsets[i]) continue;
-    patch_kernel_cpu<true>(images[i], static_cast<char*>(patches.data_ptr()) +
-                                          plan.offsets[i] * plan.D * patches.element_size(), plan.geometry[i]);
-  }
-  return {patches, offsets_tensor(plan, patches.device())};
+  return patchify_packed_with(images, p, move_cpu);
 }
 
-std::vector<at::Tensor> unpatchify_packed_cpu(const at::Tensor& patches_in, int64_t p, at::IntArrayRef heights,
+std::vector<at::Tensor> unpatchify_packed_cpu(const at::Tensor& patches, int64_t p, at::IntArrayRef heights,
                                               at::IntArrayRef widths) {
-  const PackedPlan plan = packed_plan(patches_in, p, heights, widths);
-  const at::Tensor patches = patches_in.contiguous();
-  std::vector<at::Tensor> images;
-  for (size_t i = 0; i < heights.size(); ++i) {
-    const PatchGeometry& g = plan.geometry[i];
-    images.push_back(at::empty({g.C, g.H, g.W}, patches.options()));
-    patch_kernel_cpu<false>(images.back(), static_cast<char*>(patches.data_ptr()) +
-                                               plan.offsets[i] * plan.D * patches.element_size(), g);
-  }
-  return images;
+  return unpatchify_packed_with(patches, p, heights, widths, move_cpu);
 }
 
 at::Tensor offsets_tensor(const PackedPlan& plan, const at::Device& device) {

@@ -5,9 +5,12 @@
 // Patchify only moves elements, so the kernels work on raw element bits (1, 2, 4 or 8 bytes):
 // every dtype of a given size, float8 to float64, shares one instantiation.
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 namespace transfusion_fast {
 
@@ -41,6 +44,63 @@ void dispatch_element_bits(const at::Tensor& tensor, const char* op, F&& f) {
     case 8: f(uint64_t{}); break;
     default: TORCH_CHECK(false, op, ": unsupported element size ", tensor.element_size(), " (", tensor.scalar_type(), ")");
   }
+}
+
+// The op bodies, shared by the CPU and the CUDA registrations: validation, allocation and the
+// per-image loop of the packed forms. move(to_patches, images, patches, g) moves the elements of the
+// tensor g describes to / from the patch rows starting at `patches`; to_patches is std::true_type
+// (images -> patches) or std::false_type (patches -> images).
+template <typename Move>
+at::Tensor patchify_with(const at::Tensor& images, int64_t p, Move move) {
+  const PatchGeometry g = patch_geometry(images, p);
+  auto patches = at::empty({g.B, g.Hp * g.Wp, g.D}, images.options());
+  if (patches.numel()) move(std::true_type{}, images, patches.data_ptr(), g);
+  return patches;
+}
+
+template <typename Move>
+at::Tensor unpatchify_with(const at::Tensor& patches_in, int64_t p, int64_t height, int64_t width, Move move) {
+  TORCH_CHECK(patches_in.dim() == 3, "unpatchify: patches must be (B, N, p*p*C), got ", patches_in.dim(), " dims");
+  const int64_t D = patches_in.size(2);
+  TORCH_CHECK(p > 0 && D % (p * p) == 0, "unpatchify: last dim ", D, " is not a multiple of p*p=", p * p);
+  auto images = at::empty({patches_in.size(0), D / (p * p), height, width}, patches_in.options());
+  const PatchGeometry g = patch_geometry(images, p);
+  TORCH_CHECK(patches_in.size(1) == g.Hp * g.Wp, "unpatchify: expected ", g.Hp * g.Wp, " patches for ",
+              height, "x", width, " with p=", p, ", got ", patches_in.size(1));
+  const at::Tensor patches = patches_in.contiguous();
+  if (patches.numel()) move(std::false_type{}, images, patches.data_ptr(), g);
+  return images;
+}
+
+// Patch row `row` of `patches` (contiguous, D elements per row).
+inline void* patch_row(const at::Tensor& patches, int64_t row, int64_t D) {
+  return static_cast<char*>(patches.data_ptr()) + row * D * patches.element_size();
+}
+
+template <typename Move>
+std::tuple<at::Tensor, at::Tensor> patchify_packed_with(at::TensorList images, int64_t p, Move move) {
+  const PackedPlan plan = packed_plan(images, p);
+  auto patches = at::empty({plan.offsets.back(), plan.D}, images[0].options());
+  for (size_t i = 0; i < images.size(); ++i) {
+    if (plan.offsets[i + 1] == plan.offsets[i]) continue;
+    move(std::true_type{}, images[i], patch_row(patches, plan.offsets[i], plan.D), plan.geometry[i]);
+  }
+  return {patches, offsets_tensor(plan, patches.device())};
+}
+
+template <typename Move>
+std::vector<at::Tensor> unpatchify_packed_with(const at::Tensor& patches_in, int64_t p, at::IntArrayRef heights,
+                                               at::IntArrayRef widths, Move move) {
+  const PackedPlan plan = packed_plan(patches_in, p, heights, widths);
+  const at::Tensor patches = patches_in.contiguous();
+  std::vector<at::Tensor> images;
+  for (size_t i = 0; i < heights.size(); ++i) {
+    const PatchGeometry& g = plan.geometry[i];
+    images.push_back(at::empty({g.C, g.H, g.W}, patches.options()));
+    if (plan.offsets[i + 1] == plan.offsets[i]) continue;
+    move(std::false_type{}, images.back(), patch_row(patches, plan.offsets[i], plan.D), g);
+  }
+  return images;
 }
 
 }  // namespace transfusion_fast

@@ -29,6 +29,7 @@ template <bool ToPatches>
 static void patch_kernel_cuda(const at::Tensor& images, void* patches, const PatchGeometry& g) {
   const int64_t total = g.B * g.Hp * g.Wp * g.D;
   if (total == 0) return;
+  c10::cuda::CUDAGuard guard(images.device());   // the launch and its stream on the images' device
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535 * 8);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -40,52 +41,24 @@ static void patch_kernel_cuda(const at::Tensor& images, void* patches, const Pat
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor patchify_cuda(const at::Tensor& images, int64_t p) {
-  c10::cuda::CUDAGuard guard(images.device());
-  auto g = patch_geometry(images, p);
-  auto patches = at::empty({g.B, g.Hp * g.Wp, g.D}, images.options());
-  patch_kernel_cuda<true>(images, patches.data_ptr(), g);
-  return patches;
-}
+// The op bodies live in patchify.h, shared with the CPU registration; this launches the kernel.
+constexpr auto move_cuda = [](auto to_patches, const at::Tensor& images, void* patches, const PatchGeometry& g) {
+  patch_kernel_cuda<decltype(to_patches)::value>(images, patches, g);
+};
 
-at::Tensor unpatchify_cuda(const at::Tensor& patches_in, int64_t p, int64_t height, int64_t width) {
-  c10::cuda::CUDAGuard guard(patches_in.device());
-  TORCH_CHECK(patches_in.dim() == 3, "unpatchify: patches must be (B, N, p*p*C)");
-  const int64_t D = patches_in.size(2);
-  TORCH_CHECK(p > 0 && D % (p * p) == 0, "unpatchify: last dim ", D, " is not a multiple of p*p=", p * p);
-  auto images = at::empty({patches_in.size(0), D / (p * p), height, width}, patches_in.options());
-  auto g = patch_geometry(images, p);
-  TORCH_CHECK(patches_in.size(1) == g.Hp * g.Wp, "unpatchify: expected ", g.Hp * g.Wp, " patches, got ",
-              patches_in.size(1));
-  const at::Tensor patches = patches_in.contiguous();
-  patch_kernel_cuda<false>(images, patches.data_ptr(), g);
-  return images;
+at::Tensor patchify_cuda(const at::Tensor& images, int64_t p) { return patchify_with(images, p, move_cuda); }
+
+at::Tensor unpatchify_cuda(const at::Tensor& patches, int64_t p, int64_t height, int64_t width) {
+  return unpatchify_with(patches, p, height, width, move_cuda);
 }
 
 std::tuple<at::Tensor, at::Tensor> patchify_packed_cuda(at::TensorList images, int64_t p) {
-  const PackedPlan plan = packed_plan(images, p);
-  c10::cuda::CUDAGuard guard(images[0].device());
-  auto patches = at::empty({plan.offsets.back(), plan.D}, images[0].options());
-  for (size_t i = 0; i < images.size(); ++i) {
-    patch_kernel_cuda<true>(images[i], static_cast<char*>(patches.data_ptr()) +
-                                           plan.offsets[i] * plan.D * patches.element_size(), plan.geometry[i]);
-  }
-  return {patches, offsets_tensor(plan, patches.device())};
+  return patchify_packed_with(images, p, move_cuda);
 }
 
-std::vector<at::Tensor> unpatchify_packed_cuda(const at::Tensor& patches_in, int64_t p, at::IntArrayRef heights,
+std::vector<at::Tensor> unpatchify_packed_cuda(const at::Tensor& patches, int64_t p, at::IntArrayRef heights,
                                                at::IntArrayRef widths) {
-  c10::cuda::CUDAGuard guard(patches_in.device());
-  const PackedPlan plan = packed_plan(patches_in, p, heights, widths);
-  const at::Tensor patches = patches_in.contiguous();
-  std::vector<at::Tensor> images;
-  for (size_t i = 0; i < heights.size(); ++i) {
-    const PatchGeometry& g = plan.geometry[i];
-    images.push_back(at::empty({g.C, g.H, g.W}, patches.options()));
-    patch_kernel_cuda<false>(images.back(), static_cast<char*>(patches.data_ptr()) +
-                                                plan.offsets[i] * plan.D * patches.element_size(), g);
-  }
-  return images;
+  return unpatchify_packed_with(patches, p, heights, widths, move_cuda);
 }
 
 TORCH_LIBRARY_IMPL(transfusion_fast, CUDA, m) {
