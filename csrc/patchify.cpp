@@ -235,7 +235,7 @@ inline void patch_row_range(T* img, T* patches, const PatchGeometry& g, int64_t 
 // One clone per vector width, picked at load time: the (de-)interleave of the tile is shuffle work,
 // which is what bounds these kernels on one thread (they only move bits: every clone is exact).
 #define TF_PATCH_ROWS_CLONES(T)                                                                            \
-  __attribute__((target_clones("avx512f", "avx2", "default"), flatten)) void patch_row_range_##T(           \
+  __attribute__((target_clones("avx512f", "avx2", "default"), flatten)) void patch_row_range_any(            \
       bool to_patches, T* img, T* patches, const PatchGeometry& g, int64_t begin, int64_t end, bool stream) { \
     if (to_patches) patch_row_range<T, true>(img, patches, g, begin, end, stream);                          \
     else patch_row_range<T, false>(img, patches, g, begin, end, stream);                                     \
@@ -245,23 +245,6 @@ TF_PATCH_ROWS_CLONES(uint16_t)
 TF_PATCH_ROWS_CLONES(uint32_t)
 TF_PATCH_ROWS_CLONES(uint64_t)
 #undef TF_PATCH_ROWS_CLONES
-
-inline void patch_row_range_any(bool to_patches, uint8_t* img, uint8_t* patches, const PatchGeometry& g,
-                                int64_t begin, int64_t end, bool stream) {
-  patch_row_range_uint8_t(to_patches, img, patches, g, begin, end, stream);
-}
-inline void patch_row_range_any(bool to_patches, uint16_t* img, uint16_t* patches, const PatchGeometry& g,
-                                int64_t begin, int64_t end, bool stream) {
-  patch_row_range_uint16_t(to_patches, img, patches, g, begin, end, stream);
-}
-inline void patch_row_range_any(bool to_patches, uint32_t* img, uint32_t* patches, const PatchGeometry& g,
-                                int64_t begin, int64_t end, bool stream) {
-  patch_row_range_uint32_t(to_patches, img, patches, g, begin, end, stream);
-}
-inline void patch_row_range_any(bool to_patches, uint64_t* img, uint64_t* patches, const PatchGeometry& g,
-                                int64_t begin, int64_t end, bool stream) {
-  patch_row_range_uint64_t(to_patches, img, patches, g, begin, end, stream);
-}
 
 template <typename T, bool ToPatches>
 void patch_rows_cpu(T* img, T* patches, const PatchGeometry& g) {
