@@ -522,6 +522,34 @@ void for_each_segment(const int32_t* start, int64_t lo, int64_t hi, int64_t min_
   }
 }
 
+// One segment [a, b) of a tile walk, shared by the forward (rows over keys, through kv_start /
+// kv_end) and the backward (keys over query rows, through q_start / q_end). The segment visits the
+// union of its members' intervals inside the table's range [tile_lo, tile_hi), plus the table's full
+// tiles [full_lo, full_hi), which are mask-free whatever the intervals say. Pieces that every member
+// sees, or full tiles, go to block(a, b, lo, hi, false) whole; the rest is cut into sub-blocks of at
+// most masked_len members, each up to its own last member's interval end: block(sa, sb, lo, hi, true).
+// start / end are non-decreasing in the member.
+template <typename Block>
+void walk_segment(const int32_t* start, const int32_t* end, int64_t a, int64_t b, int64_t tile_lo,
+                  int64_t tile_hi, int64_t full_lo, int64_t full_hi, int64_t masked_len, const Block& block) {
+  int64_t lo = std::max<int64_t>(tile_lo, start[a]), hi = std::min<int64_t>(tile_hi, end[b - 1]);
+  if (full_lo < full_hi) {
+    lo = std::min(lo, full_lo);
+    hi = std::max(hi, full_hi);
+  }
+  const int64_t seen_lo = start[b - 1], seen_hi = end[a];   // seen by every member
+  for_each_piece(lo, hi, seen_lo, seen_hi, full_lo, full_hi, [&](int64_t p_lo, int64_t p_hi, bool free) {
+    if (free) {
+      block(a, b, p_lo, p_hi, false);
+      return;
+    }
+    for (int64_t sa = a; sa < b; sa += masked_len) {
+      const int64_t sb = std::min(b, sa + masked_len);
+      block(sa, sb, std::max<int64_t>(p_lo, start[sa]), std::min<int64_t>(p_hi, end[sb - 1]), true);
+    }
+  });
+}
+
 // k_t: the keys as (Hkv, D, Tk) (heads_dim_tokens), so that S = Q K^T runs as a plain NN GEMM.
 // Keys per forward GEMM: consecutive visited key tiles of a row tile are merged up to this many
 // columns; the online softmax then runs once over the wide score block (measured on the 2-thread
@@ -590,26 +618,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k_t, const at::Tensor
       const int64_t tile_lo = kv_lo[m] * g.bn, tile_hi = std::min<int64_t>(kv_hi[m] * g.bn, g.tk);
       const int64_t full_lo = kv_full_lo[m] * g.bn, full_hi = std::min<int64_t>(kv_full_hi[m] * g.bn, g.tk);
       for_each_segment(kv_start, r0, r0 + rows, kMinSegmentRows, [&](int64_t a, int64_t b) {
-        // The segment's keys: the union of its rows' intervals inside the table's range (and the
-        // table's full tiles, which are mask-free whatever the intervals say).
-        int64_t c_lo = std::max<int64_t>(tile_lo, kv_start[a]), c_hi = std::min<int64_t>(tile_hi, kv_end[b - 1]);
-        if (full_lo < full_hi) {
-          c_lo = std::min(c_lo, full_lo);
-          c_hi = std::max(c_hi, full_hi);
-        }
-        // Keys every row of the segment sees (both interval ends are non-decreasing in the row).
-        const int64_t seen_lo = kv_start[b - 1], seen_hi = kv_end[a];
-        for_each_piece(c_lo, c_hi, seen_lo, seen_hi, full_lo, full_hi, [&](int64_t p_lo, int64_t p_hi, bool free) {
-          if (free) {
-            block(a, b, p_lo, p_hi, nullptr);
-            return;
-          }
-          for (int64_t sa = a; sa < b; sa += kMaskedRows) {
-            const int64_t sb = std::min(b, sa + kMaskedRows);
-            block(sa, sb, std::max<int64_t>(p_lo, kv_start[sa]), std::min<int64_t>(p_hi, kv_end[sb - 1]),
-                  kv_start);
-          }
-        });
+        walk_segment(kv_start, kv_end, a, b, tile_lo, tile_hi, full_lo, full_hi, kMaskedRows,
+                     [&](int64_t sa, int64_t sb, int64_t c_lo, int64_t c_hi, bool masked) {
+                       block(sa, sb, c_lo, c_hi, masked ? kv_start : nullptr);
+                     });
       });
       for (int64_t i = 0; i < rows; ++i) {
         // Every row sees at least its own position, so row_sum > 0.
@@ -750,25 +762,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         const int64_t tile_lo = q_lo[n] * g.bm, tile_hi = std::min<int64_t>(q_hi[n] * g.bm, g.tq);
         const int64_t full_lo = q_full_lo[n] * g.bm, full_hi = std::min<int64_t>(q_full_hi[n] * g.bm, g.tq);
         for_each_segment(q_end, c0, c0 + cols, kMinSegmentCols, [&](int64_t ja, int64_t jb) {
-          int64_t r_lo = std::max<int64_t>(tile_lo, q_start[ja]), r_hi = std::min<int64_t>(tile_hi, q_end[jb - 1]);
-          if (full_lo < full_hi) {
-            r_lo = std::min(r_lo, full_lo);
-            r_hi = std::max(r_hi, full_hi);
-          }
-          // Rows that see every key of the segment (both column interval ends are non-decreasing).
-          const int64_t seen_lo = q_start[jb - 1], seen_hi = q_end[ja];
           for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
-            for_each_piece(r_lo, r_hi, seen_lo, seen_hi, full_lo, full_hi, [&](int64_t p_lo, int64_t p_hi, bool free) {
-              if (free) {
-                block(h, ja, jb, p_lo, p_hi, nullptr);
-                return;
-              }
-              for (int64_t sa = ja; sa < jb; sa += kMaskedCols) {
-                const int64_t sb = std::min(jb, sa + kMaskedCols);
-                block(h, sa, sb, std::max<int64_t>(p_lo, q_start[sa]), std::min<int64_t>(p_hi, q_end[sb - 1]),
-                      kv_start);
-              }
-            });
+            walk_segment(q_start, q_end, ja, jb, tile_lo, tile_hi, full_lo, full_hi, kMaskedCols,
+                         [&](int64_t sa, int64_t sb, int64_t r_lo, int64_t r_hi, bool masked) {
+                           block(h, sa, sb, r_lo, r_hi, masked ? kv_start : nullptr);
+                         });
           }
         });
         for (int64_t j = 0; j < cols; ++j) {
