@@ -22,10 +22,12 @@
 // sub-blocks that stop at their own last row's interval end. On packed short documents this keeps
 // the computed elements within ~5% of the visible ones (tiles alone: ~50% more).
 //
-// Inner products go through ATen's CPU BLAS (MKL / OpenBLAS sgemm on tile views, no copies for
-// fp32/fp64 inputs with any token/head stride); the softmax elementwise passes have hand-written
-// AVX-512 versions (fp32, picked at load time) and compiler-vectorized fallbacks (AVX2 / baseline).
-// fp16 / bf16 inputs are converted to fp32 once (O(T*H*D)); fp64 runs in fp64.
+// Inner products: in fp32 on AVX-512 machines, a register-tiled kernel of this file that reads the
+// tiles in place (sgemm_avx512; the backward's two score products also turn into P and dS in its
+// epilogue); otherwise ATen's CPU BLAS (MKL / OpenBLAS on tile views, no copies for any token/head
+// stride). The softmax elementwise passes have hand-written AVX-512 versions (fp32, picked at load
+// time) and compiler-vectorized fallbacks (AVX2 / baseline). fp16 / bf16 inputs are converted to
+// fp32 once (O(T*H*D)); fp64 runs in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/TransposeType.h>
@@ -69,32 +71,6 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace transfusion_fast {
 namespace {
-
-// Column-major C (m x n) = alpha * op(A) op(B) + beta * C, as in BLAS.
-template <typename T>
-void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int64_t k, T alpha,
-          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  using Blas = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
-                        const T*, const int*, const T*, const int*, const T*, T*, const int*);
-  Blas blas = nullptr;
-  if constexpr (std::is_same_v<T, float>) blas = &sgemm_;
-  else blas = &dgemm_;
-  if (blas != nullptr) {
-    const char ta = transa == kN ? 'n' : 't', tb = transb == kN ? 'n' : 't';
-    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-    blas(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
-    return;
-  }
-  // Same product through ATen on row-major views: C^T (n x m) = op(B)^T op(A)^T.
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld) {
-    return at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, options);  // (col-major X)^T
-  };
-  const at::Tensor a_t = transa == kN ? view(a, m, k, lda) : view(a, k, m, lda).t();  // op(A)^T
-  const at::Tensor b_t = transb == kN ? view(b, k, n, ldb) : view(b, n, k, ldb).t();  // op(B)^T
-  at::Tensor c_t = view(c, m, n, ldc);
-  c_t.addmm_(b_t, a_t, beta, alpha);
-}
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One binary for every x86 machine: the hot elementwise loops get an AVX-512 and an AVX2 clone,
@@ -261,6 +237,15 @@ TF_INLINE __mmask16 lanes(int64_t j, int64_t a, int64_t b) {
   return static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
+// One 16-column step of the forward's exp pass at column j: exp(s - m) on the visible columns
+// [lo, hi), 0 on the rest of the row's columns [0, cols); returns the values written.
+TF_AVX512 TF_INLINE __m512 exp_step_masked(float* s, int64_t j, int64_t lo, int64_t hi, int64_t cols, __m512 m) {
+  const __mmask16 visible = lanes(j, lo, hi);
+  const __m512 p = _mm512_maskz_mov_ps(visible, exp_approx16(_mm512_sub_ps(_mm512_maskz_loadu_ps(visible, s + j), m)));
+  _mm512_mask_storeu_ps(s + j, lanes(j, 0, cols), p);
+  return p;
+}
+
 TF_AVX512 void softmax_tile_forward_avx512(float* S, int64_t ld, int64_t rows, int64_t cols,
                                            const int32_t* kv_start, const int32_t* kv_end, int64_t col0,
                                            float* row_max, float* row_sum, float* acc, int64_t head_dim) {
@@ -281,13 +266,25 @@ TF_AVX512 void softmax_tile_forward_avx512(float* S, int64_t ld, int64_t rows, i
       continue;
     }
     const __m512 vm = _mm512_set1_ps(m_new);
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 visible = lanes(j, lo, hi);
-      const __m512 p = _mm512_maskz_mov_ps(visible, exp_approx16(_mm512_sub_ps(_mm512_maskz_loadu_ps(visible, s + j), vm)));
-      _mm512_mask_storeu_ps(s + j, lanes(j, 0, cols), p);
-      vsum = _mm512_add_ps(vsum, p);
+    __m512 vsum = _mm512_setzero_ps(), vsum2 = _mm512_setzero_ps();
+    // Zeros left of the visible columns, the edge vectors masked, the interior two vectors at a
+    // time without masks (two independent exp chains per step).
+    const int64_t first = lo - (lo & 15), interior_lo = (lo + 15) & ~int64_t(15), interior_hi = hi & ~int64_t(15);
+    for (int64_t j = 0; j < first; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+    int64_t j = first;
+    if (interior_lo < interior_hi) {
+      for (; j < interior_lo; j += 16) vsum = _mm512_add_ps(vsum, exp_step_masked(s, j, lo, hi, cols, vm));
+      for (; j + 32 <= interior_hi; j += 32) {
+        const __m512 p0 = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
+        const __m512 p1 = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), vm));
+        _mm512_storeu_ps(s + j, p0);
+        _mm512_storeu_ps(s + j + 16, p1);
+        vsum = _mm512_add_ps(vsum, p0);
+        vsum2 = _mm512_add_ps(vsum2, p1);
+      }
     }
+    for (; j < cols; j += 16) vsum = _mm512_add_ps(vsum, exp_step_masked(s, j, lo, hi, cols, vm));
+    vsum = _mm512_add_ps(vsum, vsum2);
     if (m_old != m_new) {
       const float correction = exp_approx(m_old - m_new);
       row_sum[i] *= correction;
@@ -349,12 +346,215 @@ TF_AVX512 void transpose16x16_avx512(const float* src, int64_t ld_src, float* ds
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld_dst, r[i]);
 }
 
+// Column-major C (m x n) = alpha * A op(B) + beta * C on AVX-512, for the tile products of this
+// file: m is the vector dimension (keys for the scores, head_dim for the accumulations), k is
+// head_dim or a few hundred keys / rows. MKL packs both operands on every call, which costs as
+// much as the product at these sizes (profiled on packed documents: ~10% of forward+backward in
+// its copy routines); here A's columns are read in place (contiguous, any column stride), B is
+// broadcast element by element, and a 4 x 6 tile of 16-lane accumulators (64 rows of m x 6
+// columns of n) stays in registers across a block of k. The tile's store is a policy (Epilogue),
+// so that the backward turns scores into probabilities and dP into dS while they are in registers.
+constexpr int kTileVectors = 4;       // 16-lane vectors of m per register tile
+constexpr int kTileCols = 6;          // columns of n per register tile: 24 accumulators + 4 A + 1 B
+constexpr int64_t kDepthBlock = 256;  // k per pass of a plain product: A's 64 x 256 panel stays near
+
+// acc (N columns x V vectors) = A (16V rows, k columns) op(B) (k x N); lanes of the last vector
+// outside `last` are not read.
+template <int V, int N, bool kTransB>
+TF_AVX512 TF_INLINE void tile_product(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                                      __mmask16 last, __m512 (&acc)[N][V]) {
+  #pragma GCC unroll 16
+  for (int j = 0; j < N; ++j) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 col[V];
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      col[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, a + p * lda + 16 * v) : _mm512_loadu_ps(a + p * lda + 16 * v);
+    }
+    #pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) {
+      const __m512 bj = _mm512_set1_ps(kTransB ? b[p * ldb + j] : b[j * ldb + p]);
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(col[v], bj, acc[j][v]);
+    }
+  }
+}
+
+// Walks the register tiles of an m x n result: tile.template run<V, N>(i0, j0, last) for the tile
+// of rows [i0, i0 + 16V) (lanes of the last vector: `last`) and columns [j0, j0 + N).
+template <int V, typename Tile>
+TF_AVX512 TF_INLINE void tile_columns(int64_t n, int64_t i0, __mmask16 last, const Tile& tile) {
+  int64_t j = 0;
+  for (; j + kTileCols <= n; j += kTileCols) tile.template run<V, kTileCols>(i0, j, last);
+  switch (n - j) {
+    case 5: return tile.template run<V, 5>(i0, j, last);
+    case 4: return tile.template run<V, 4>(i0, j, last);
+    case 3: return tile.template run<V, 3>(i0, j, last);
+    case 2: return tile.template run<V, 2>(i0, j, last);
+    case 1: return tile.template run<V, 1>(i0, j, last);
+    default: return;
+  }
+}
+template <typename Tile>
+TF_AVX512 TF_INLINE void for_each_register_tile(int64_t m, int64_t n, const Tile& tile) {
+  for (int64_t i0 = 0; i0 < m; i0 += 16 * kTileVectors) {
+    const int64_t rows = std::min<int64_t>(16 * kTileVectors, m - i0);
+    const int vectors = static_cast<int>((rows + 15) / 16);
+    const __mmask16 last = lanes(16 * (vectors - 1), 0, rows);
+    switch (vectors) {
+      case 4: tile_columns<4>(n, i0, last, tile); break;
+      case 3: tile_columns<3>(n, i0, last, tile); break;
+      case 2: tile_columns<2>(n, i0, last, tile); break;
+      default: tile_columns<1>(n, i0, last, tile); break;
+    }
+  }
+}
+
+// C = alpha * A op(B) + beta * C (C is not read when beta == 0, as in BLAS).
+template <bool kTransB>
+struct PlainProduct {
+  int64_t k;
+  float alpha, beta;
+  const float *a, *b;
+  int64_t lda, ldb;
+  float* c;
+  int64_t ldc;
+  template <int V, int N>
+  TF_AVX512 TF_INLINE void run(int64_t i0, int64_t j0, __mmask16 last) const {
+    __m512 acc[N][V];
+    tile_product<V, N, kTransB>(k, a + i0, lda, kTransB ? b + j0 : b + j0 * ldb, ldb, last, acc);
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    #pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) {
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) {
+        float* cj = c + (j0 + j) * ldc + i0 + 16 * v;
+        const __mmask16 m = v == V - 1 ? last : __mmask16(0xffff);
+        __m512 r = _mm512_mul_ps(acc[j][v], va);
+        if (beta != 0.0f) r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, cj), vb, r);
+        _mm512_mask_storeu_ps(cj, m, r);
+      }
+    }
+  }
+};
+
+template <bool kTransB>
+TF_AVX512 void sgemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                            const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (k == 0) {  // C = beta * C, as BLAS
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t i = 0; i < m; ++i) c[j * ldc + i] = beta == 0.0f ? 0.0f : beta * c[j * ldc + i];
+    }
+    return;
+  }
+  for (int64_t p0 = 0; p0 < k; p0 += kDepthBlock) {
+    const PlainProduct<kTransB> part{std::min(kDepthBlock, k - p0), alpha, p0 == 0 ? beta : 1.0f,
+                                     a + p0 * lda, kTransB ? b + p0 * ldb : b + p0, lda, ldb, c, ldc};
+    for_each_register_tile(m, n, part);
+  }
+}
+
+// The backward's two score products of one block, fused with the elementwise pass: for the keys
+// [col0, col0 + m) (as m) and query rows (as n), P = exp(scale * K Q^T - lse) on each row's visible
+// keys (0 elsewhere) and dS = P * (V dO^T - delta), both column-major with leading dimension ld.
+// Each register tile of P is computed, stored, and read back for dS while it is still in L1.
+struct ProbsAndDScores {
+  int64_t d;
+  float scale;
+  const float *k_t, *v_t;   // (D, keys), row stride ld_t
+  int64_t ld_t;
+  const float *q, *grad_out;   // (rows, D), row strides
+  int64_t ldq, ldo;
+  const int32_t *kv_start, *kv_end;  // of the block's rows; kv_start == nullptr: no mask
+  int64_t col0;
+  const float *lse, *delta;
+  float *P, *dS;
+  int64_t ld;
+  template <int V, int N>
+  TF_AVX512 TF_INLINE void run(int64_t i0, int64_t j0, __mmask16 last) const {
+    __m512 acc[N][V];
+    tile_product<V, N, false>(d, k_t + i0, ld_t, q + j0 * ldq, ldq, last, acc);
+    #pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) {
+      int64_t lo = 0, hi = 16 * V;
+      if (kv_start != nullptr) {
+        lo = clamp_to(kv_start[j0 + j] - col0 - i0, 0, 16 * V);
+        hi = clamp_to(kv_end[j0 + j] - col0 - i0, lo, 16 * V);
+      }
+      const __m512 l = _mm512_set1_ps(lse[j0 + j]), s = _mm512_set1_ps(scale);
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 store = v == V - 1 ? last : __mmask16(0xffff);
+        const __mmask16 visible = store & lanes(16 * v, lo, hi);
+        const __m512 p = _mm512_maskz_mov_ps(visible, exp_approx16(_mm512_fmsub_ps(acc[j][v], s, l)));
+        _mm512_mask_storeu_ps(P + (j0 + j) * ld + i0 + 16 * v, store, p);
+      }
+    }
+    tile_product<V, N, false>(d, v_t + i0, ld_t, grad_out + j0 * ldo, ldo, last, acc);
+    #pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) {
+      const __m512 dl = _mm512_set1_ps(delta[j0 + j]);
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 store = v == V - 1 ? last : __mmask16(0xffff);
+        const int64_t at = (j0 + j) * ld + i0 + 16 * v;
+        const __m512 ds = _mm512_mul_ps(_mm512_maskz_loadu_ps(store, P + at), _mm512_sub_ps(acc[j][v], dl));
+        _mm512_mask_storeu_ps(dS + at, store, ds);
+      }
+    }
+  }
+};
+
+TF_AVX512 void probs_dscores_fused_avx512(const ProbsAndDScores& block, int64_t keys, int64_t rows) {
+  for_each_register_tile(keys, rows, block);
+}
+
 const bool kUseAvx512 = __builtin_cpu_supports("avx512f");
 #pragma GCC diagnostic pop
 #else
 #define TF_AVX512_PATH 0
 constexpr bool kUseAvx512 = false;
 #endif
+
+// Column-major C (m x n) = alpha * op(A) op(B) + beta * C, as in BLAS: fp32 on AVX-512 through
+// sgemm_avx512 (every product of this file has transa == N), the rest through BLAS.
+template <typename T>
+void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int64_t k, T alpha,
+          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  using Blas = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
+                        const T*, const int*, const T*, const int*, const T*, T*, const int*);
+  if constexpr (std::is_same_v<T, float>) {
+#if TF_AVX512_PATH
+    if (kUseAvx512 && transa == kN) {
+      if (transb == kN) sgemm_avx512<false>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      else sgemm_avx512<true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
+#endif
+  }
+  Blas blas = nullptr;
+  if constexpr (std::is_same_v<T, float>) blas = &sgemm_;
+  else blas = &dgemm_;
+  if (blas != nullptr) {
+    const char ta = transa == kN ? 'n' : 't', tb = transb == kN ? 'n' : 't';
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    blas(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    return;
+  }
+  // Same product through ATen on row-major views: C^T (n x m) = op(B)^T op(A)^T.
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, options);  // (col-major X)^T
+  };
+  const at::Tensor a_t = transa == kN ? view(a, m, k, lda) : view(a, k, m, lda).t();  // op(A)^T
+  const at::Tensor b_t = transb == kN ? view(b, k, n, ldb) : view(b, n, k, ldb).t();  // op(B)^T
+  at::Tensor c_t = view(c, m, n, ldc);
+  c_t.addmm_(b_t, a_t, beta, alpha);
+}
 
 // Typed entry points: fp32 goes to the AVX-512 passes where the CPU has them, else to the
 // multiversioned clones; fp64 to the plain template.
@@ -379,6 +579,26 @@ void probs_dscores(float* S, float* dP, int64_t ld, int64_t r, int64_t c, const 
 void probs_dscores(double* S, double* dP, int64_t ld, int64_t r, int64_t c, const int32_t* ks,
                    const int32_t* ke, int64_t c0, const double* lse, const double* delta) {
   probs_dscores_tile<double>(S, dP, ld, r, c, ks, ke, c0, lse, delta);
+}
+
+// P (keys x rows, column-major, leading dimension ld) = exp(scale * K Q^T - lse) on each row's
+// visible keys [kv_start, kv_end) (all keys when kv_start == nullptr), 0 elsewhere, and
+// dS = P * (V dO^T - delta): the backward's scores of one block. k_t / v_t: (D, keys), row stride ld_t.
+template <typename T>
+void probs_and_dscores(int64_t keys, int64_t rows, int64_t d, T scale, const T* k_t, const T* v_t, int64_t ld_t,
+                       const T* q, int64_t ldq, const T* grad_out, int64_t ldo, const int32_t* kv_start,
+                       const int32_t* kv_end, int64_t col0, const T* lse, const T* delta, T* P, T* dS, int64_t ld) {
+#if TF_AVX512_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (kUseAvx512) {
+      return probs_dscores_fused_avx512({d, scale, k_t, v_t, ld_t, q, grad_out, ldq, ldo, kv_start, kv_end, col0,
+                                         lse, delta, P, dS, ld}, keys, rows);
+    }
+  }
+#endif
+  gemm(kN, kN, keys, rows, d, scale, k_t, ld_t, q, ldq, T(0), P, ld);        // S
+  gemm(kN, kN, keys, rows, d, T(1), v_t, ld_t, grad_out, ldo, T(0), dS, ld);  // dP = dO V^T
+  probs_dscores(P, dS, ld, rows, keys, kv_start, kv_end, col0, lse, delta);
 }
 
 // Runs task(order[t]) for every t on all intra-op threads, handing out tasks dynamically in the
@@ -748,10 +968,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             const int64_t rows = std::min(max_rows, r_hi - r0);
             const T* qt = qp + r0 * sq0 + h * sq1;
             const T* dot = dop + r0 * sdo0 + h * sdo1;
-            gemm(kN, kN, w, rows, g.d, scale, kt_t + (ja - k0), ld_t, qt, sq0, T(0), P, g.bn);     // S
-            gemm(kN, kN, w, rows, g.d, T(1), vt_t + (ja - k0), ld_t, dot, sdo0, T(0), dS, g.bn);  // dP = dO V^T
-            probs_dscores(P, dS, g.bn, rows, w, mask_start ? mask_start + r0 : nullptr, kv_end + r0, ja,
-                          lp + h * g.tq + r0, deltap + h * g.tq + r0);                     // P, dS
+            probs_and_dscores(w, rows, g.d, scale, kt_t + (ja - k0), vt_t + (ja - k0), ld_t, qt, sq0, dot, sdo0,
+                              mask_start ? mask_start + r0 : nullptr, kv_end + r0, ja, lp + h * g.tq + r0,
+                              deltap + h * g.tq + r0, P, dS, g.bn);                        // P, dS
             gemm(kN, kT, g.d, w, rows, T(1), dot, sdo0, P, g.bn, T(1), dVj, g.d);           // dV += P^T dO
             gemm(kN, kT, g.d, w, rows, scale, qt, sq0, dS, g.bn, T(1), dKj, g.d);           // dK += dS^T Q
             gemm(kN, kN, g.d, rows, w, scale, kj, sk0, dS, g.bn, T(1),
