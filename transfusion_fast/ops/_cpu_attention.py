@@ -6,17 +6,17 @@ ones the Triton kernels read: skipped tiles are never touched, full tiles skip t
 O(T·H·D) for any layout.
 
 Structure: the C++ ops ``transfusion_fast::attention_cpu_fwd`` and ``attention_cpu_bwd`` are plain
-kernels. The differentiable unit is the custom op ``transfusion_fast::cpu_attention`` defined here
-(it takes the row *and* column tile tables, so that its backward has what the dK/dV walk needs),
-with ``register_autograd`` and ``register_fake`` so that ``torch.compile(fullgraph=True)`` traces
-through it.
+kernels, wrapped here as the custom ops ``transfusion_fast::cpu_attention`` / ``cpu_attention_backward``.
+``_CpuAttention`` (an ``autograd.Function`` that hands the backward the column tile table its dK/dV walk
+needs) runs the two as opaque custom ops with fake kernels, so that ``torch.compile(fullgraph=True)``
+traces through it.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
-from ..layout import Layout
+from ..layout import Layout, TileTable
 
 __all__ = ["cpu_attention", "FORWARD_BLOCKS", "BACKWARD_BLOCKS", "SUPPORTED_DTYPES"]
 
@@ -42,23 +42,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("transfusion_fast::cpu_attention", mutates_args=(), device_types="cpu")
 def _cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
                       kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
-                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, q_start: torch.Tensor,
-                      q_end: torch.Tensor, q_lo: torch.Tensor, q_hi: torch.Tensor,
-                      q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
-                      block_m: int, block_n: int, backward_block_m: int, backward_block_n: int,
+                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, block_m: int, block_n: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (Tq, Hq, D) in q's dtype and lse (Hq, Tq) in the compute dtype (fp32, or fp64 for fp64).
 
-    kv_start / kv_end are the rows' key intervals, q_start / q_end the keys' query-row intervals
-    (Layout); kv_lo.. is the row side of the (block_m, block_n) tile table, q_lo.. the column side
-    of the (backward_block_m, backward_block_n) one, for the backward."""
+    kv_start / kv_end are the rows' key intervals (Layout), kv_lo.. the (block_m, block_n) tile table."""
     return _ext.ops().attention_cpu_fwd(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo,
                                         kv_full_hi, block_m, block_n, scale)
 
 
 @_cpu_attention_op.register_fake
-def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, q_start, q_end, q_lo, q_hi, q_full_lo,
-      q_full_hi, block_m, block_n, backward_block_m, backward_block_n, scale):
+def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, block_m, block_n, scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_compute_dtype(q.dtype))
 
 
@@ -86,24 +80,30 @@ def _(grad_o, q, k, v, o, lse, grad_lse, kv_start, kv_end, q_start, q_end, q_lo,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_start, kv_end = inputs[:5]
-    q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi, _, _, block_m, block_n, scale = inputs[9:]
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo,
-                          q_full_hi)
-    ctx.block_m, ctx.block_n, ctx.scale = block_m, block_n, scale
+class _CpuAttention(torch.autograd.Function):
+    """o, lse = attention(q, k, v); the backward's (column) tile table rides along.
 
+    An autograd.Function around the two opaque ops rather than ``register_autograd``: the library
+    wrapper re-reads the op schema per argument per call (~0.3 ms per forward+backward here)."""
 
-def _backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo, q_full_hi = ctx.saved_tensors
-    dq, dk, dv = _cpu_attention_backward_op(grad_o.contiguous(), q, k, v, o, lse, grad_lse,
-                                            kv_start, kv_end, q_start, q_end, q_lo, q_hi, q_full_lo,
-                                            q_full_hi, ctx.block_m, ctx.block_n, ctx.scale)
-    return (dq, dk, dv) + (None,) * 17
+    @staticmethod
+    def forward(ctx, q, k, v, layout: Layout, rows: TileTable, cols: TileTable, scale: float):
+        o, lse = _cpu_attention_op(q, k, v, layout.kv_start, layout.kv_end, rows.kv_lo, rows.kv_hi,
+                                   rows.kv_full_lo, rows.kv_full_hi, rows.block_m, rows.block_n, scale)
+        ctx.save_for_backward(q, k, v, o, lse, layout.kv_start, layout.kv_end, layout.q_start, layout.q_end,
+                              cols.q_lo, cols.q_hi, cols.q_full_lo, cols.q_full_hi)
+        ctx.block_m, ctx.block_n, ctx.scale = cols.block_m, cols.block_n, scale
+        # an unused output's gradient stays None: no zero-filled dLSE is read by the kernel
+        ctx.set_materialize_grads(False)
+        return o, lse
 
-
-_cpu_attention_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        q, k, v, o, lse, *tables = ctx.saved_tensors
+        grad_o = torch.zeros_like(o) if grad_o is None else grad_o.contiguous()
+        dq, dk, dv = _cpu_attention_backward_op(grad_o, q, k, v, o, lse, grad_lse, *tables,
+                                                ctx.block_m, ctx.block_n, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
@@ -121,10 +121,6 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Lay
     if q.device.type != "cpu" or layout.device.type != "cpu":
         raise ValueError(f"cpu_attention needs CPU tensors and a CPU layout, got q on {q.device} and "
                          f"the layout on {layout.device}")
-    rows = layout.tile_table(*forward_blocks)
-    cols = layout.tile_table(*backward_blocks)
-    o, lse = _cpu_attention_op(q, k, v, layout.kv_start, layout.kv_end, rows.kv_lo, rows.kv_hi,
-                               rows.kv_full_lo, rows.kv_full_hi, layout.q_start, layout.q_end,
-                               cols.q_lo, cols.q_hi, cols.q_full_lo, cols.q_full_hi, rows.block_m,
-                               rows.block_n, cols.block_m, cols.block_n, float(scale))
+    o, lse = _CpuAttention.apply(q, k, v, layout, layout.tile_table(*forward_blocks),
+                                 layout.tile_table(*backward_blocks), float(scale))
     return o, lse.float()
