@@ -40,6 +40,7 @@
 #include <limits>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -1089,6 +1090,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
   return {dq, dk, dv};
 }
 
+// Test hook: the tile product of this file (gemm: the AVX-512 kernel where the CPU has it, else
+// BLAS) on fp32 tensors, in row-major terms: returns alpha * op(b) @ a + beta * c, with a (k, m),
+// op(b) = b (n, k) or b^T for b (k, n), c (n, m); a and b may have any row stride (leading
+// dimension). c is copied first and is not read when beta == 0.
+at::Tensor attention_cpu_tile_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool trans_b,
+                                   double alpha, double beta) {
+  for (const auto& [t, name] : {std::pair{&a, "a"}, std::pair{&b, "b"}, std::pair{&c, "c"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && (t->stride(1) == 1 || t->size(1) <= 1),
+                "attention_cpu_tile_gemm: ", name, " must be a 2-d float32 tensor with unit column stride, got ",
+                t->scalar_type(), " of shape ", t->sizes(), " and strides ", t->strides());
+  }
+  const int64_t k = a.size(0), m = a.size(1), n = c.size(0);
+  TORCH_CHECK(c.size(1) == m, "attention_cpu_tile_gemm: c must be (n, ", m, "), got ", c.sizes());
+  const std::vector<int64_t> b_shape = trans_b ? std::vector<int64_t>{k, n} : std::vector<int64_t>{n, k};
+  TORCH_CHECK(b.sizes() == at::IntArrayRef(b_shape), "attention_cpu_tile_gemm: b must be ", at::IntArrayRef(b_shape),
+              ", got ", b.sizes());
+  at::Tensor out = c.contiguous().clone();
+  gemm<float>(kN, trans_b ? kT : kN, m, n, k, static_cast<float>(alpha), a.const_data_ptr<float>(),
+              std::max<int64_t>(a.stride(0), 1), b.const_data_ptr<float>(), std::max<int64_t>(b.stride(0), 1),
+              static_cast<float>(beta), out.mutable_data_ptr<float>(), std::max<int64_t>(m, 1));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
@@ -1098,11 +1122,13 @@ TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
   m.def("attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
         "Tensor kv_start, Tensor kv_end, Tensor q_start, Tensor q_end, Tensor q_lo, Tensor q_hi, Tensor q_full_lo, Tensor q_full_hi, "
         "int block_m, int block_n, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_cpu_tile_gemm(Tensor a, Tensor b, Tensor c, bool trans_b, float alpha, float beta) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(transfusion_fast, CPU, m) {
   m.impl("attention_cpu_fwd", &attention_cpu_fwd);
   m.impl("attention_cpu_bwd", &attention_cpu_bwd);
+  m.impl("attention_cpu_tile_gemm", &attention_cpu_tile_gemm);
 }
 
 }  // namespace transfusion_fast

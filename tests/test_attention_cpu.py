@@ -230,6 +230,35 @@ def test_backward_is_deterministic_for_a_thread_count():
             _assert_close(a, b, GRAD_TOL[torch.float32], f"{threads} threads vs 1")
 
 
+# ------------------------------------------------------------------------------ tile product
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (15, 7, 3), (16, 6, 64), (17, 13, 1), (64, 12, 63), (65, 5, 257),
+                                   (130, 11, 600), (40, 1, 0)])
+def test_tile_product_matches_torch(m, n, k, trans_b):
+    # The register-tiled fp32 kernel every product of the CPU attention goes through (on AVX-512
+    # machines; BLAS elsewhere): partial vectors of m, every column remainder of the 6-wide tiles,
+    # k across its 256-deep blocks and k = 0, operands with a row stride (leading dimension) larger
+    # than their width, beta = 0 over a NaN-filled c (must not be read) and beta = 1.
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    a = torch.randn(k, m + 3, generator=g)[:, :m]
+    b = torch.randn(*((k, n + 5) if trans_b else (n, k + 5)), generator=g)
+    b = b[:, :n] if trans_b else b[:, :k]
+    b_rows = b.t() if trans_b else b                     # op(b): (n, k)
+    c = torch.randn(n, m, generator=g)
+    for alpha, beta, c_in in ((0.7, 0.0, torch.full_like(c, float("nan"))), (1.3, 1.0, c)):
+        got = _ext.ops().attention_cpu_tile_gemm(a, b, c_in, trans_b, alpha, beta)
+        want = alpha * (b_rows.double() @ a.double()) + (beta * c_in.double() if beta else 0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * max(1, k) ** 0.5)
+
+
+def test_tile_product_rejects_bad_shapes():
+    a, c = torch.randn(8, 16), torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match=r"b must be \[4, 8\], got \[8, 4\]"):
+        _ext.ops().attention_cpu_tile_gemm(a, torch.randn(8, 4), c, False, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="a must be a 2-d float32 tensor"):
+        _ext.ops().attention_cpu_tile_gemm(a.double(), torch.randn(4, 8), c, False, 1.0, 0.0)
+
+
 # ------------------------------------------------------------------------------ tile tables
 def _fwd_with_tables(q, k, v, mask_layout, table, scale):
     return _ext.ops().attention_cpu_fwd(q, k, v, mask_layout.kv_start, mask_layout.kv_end, table.kv_lo,
