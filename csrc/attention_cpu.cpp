@@ -25,9 +25,9 @@
 // Inner products: in fp32 on AVX-512 machines, a register-tiled kernel of this file that reads the
 // tiles in place (sgemm_avx512; the backward's two score products also turn into P and dS in its
 // epilogue); otherwise ATen's CPU BLAS (MKL / OpenBLAS on tile views, no copies for any token/head
-// stride). The softmax elementwise passes have hand-written AVX-512 versions (fp32, picked at load
-// time) and compiler-vectorized fallbacks (AVX2 / baseline). fp16 / bf16 inputs are converted to
-// fp32 once (O(T*H*D)); fp64 runs in fp64.
+// stride). The forward's softmax pass has a hand-written AVX-512 version (fp32, picked at load
+// time); the elementwise passes also have compiler-vectorized fallbacks (AVX2 / baseline).
+// fp16 / bf16 inputs are converted to fp32 once (O(T*H*D)); fp64 runs in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/TransposeType.h>
@@ -255,8 +255,9 @@ TF_AVX512 void softmax_tile_forward_avx512(float* S, int64_t ld, int64_t rows, i
     float* s = S + i * ld;
     int64_t lo, hi;
     visible_cols(kv_start, kv_end, i, col0, cols, lo, hi);
+    const int64_t first = lo - (lo & 15);  // the vector holding column lo
     __m512 vmax = _mm512_set1_ps(kNegInf);
-    for (int64_t j = lo - (lo & 15); j < hi; j += 16) {
+    for (int64_t j = first; j < hi; j += 16) {
       const __mmask16 m = lanes(j, lo, hi);
       vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, s + j));
     }
@@ -270,7 +271,7 @@ TF_AVX512 void softmax_tile_forward_avx512(float* S, int64_t ld, int64_t rows, i
     __m512 vsum = _mm512_setzero_ps(), vsum2 = _mm512_setzero_ps();
     // Zeros left of the visible columns, the edge vectors masked, the interior two vectors at a
     // time without masks (two independent exp chains per step).
-    const int64_t first = lo - (lo & 15), interior_lo = (lo + 15) & ~int64_t(15), interior_hi = hi & ~int64_t(15);
+    const int64_t interior_lo = (lo + 15) & ~int64_t(15), interior_hi = hi & ~int64_t(15);
     for (int64_t j = 0; j < first; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
     int64_t j = first;
     if (interior_lo < interior_hi) {
@@ -298,25 +299,6 @@ TF_AVX512 void softmax_tile_forward_avx512(float* S, int64_t ld, int64_t rows, i
     }
     row_sum[i] += _mm512_reduce_add_ps(vsum);
     row_max[i] = m_new;
-  }
-}
-
-TF_AVX512 void probs_dscores_tile_avx512(float* S, float* dP, int64_t ld, int64_t rows, int64_t cols,
-                                         const int32_t* kv_start, const int32_t* kv_end, int64_t col0,
-                                         const float* lse, const float* delta) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* s = S + i * ld;
-    float* dp = dP + i * ld;
-    int64_t lo, hi;
-    visible_cols(kv_start, kv_end, i, col0, cols, lo, hi);
-    const __m512 l = _mm512_set1_ps(lse[i]), dl = _mm512_set1_ps(delta[i]);
-    for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 visible = lanes(j, lo, hi), row = lanes(j, 0, cols);
-      const __m512 p = _mm512_maskz_mov_ps(visible, exp_approx16(_mm512_sub_ps(_mm512_maskz_loadu_ps(visible, s + j), l)));
-      const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(visible, dp + j), dl));
-      _mm512_mask_storeu_ps(s + j, row, p);
-      _mm512_mask_storeu_ps(dp + j, row, ds);
-    }
   }
 }
 
@@ -353,11 +335,12 @@ TF_AVX512 void transpose16x16_avx512(const float* src, int64_t ld_src, float* ds
 // much as the product at these sizes (profiled on packed documents: ~10% of forward+backward in
 // its copy routines); here A's columns are read in place (contiguous, any column stride), B is
 // broadcast element by element, and a 4 x 6 tile of 16-lane accumulators (64 rows of m x 6
-// columns of n) stays in registers across a block of k. The tile's store is a policy (Epilogue),
-// so that the backward turns scores into probabilities and dP into dS while they are in registers.
+// columns of n) stays in registers across a block of k. What a finished tile does is up to the
+// caller's tile type (PlainProduct stores alpha * acc + beta * C; ProbsAndDScores turns the
+// backward's scores into P and dP into dS while they are in registers).
 constexpr int kTileVectors = 4;       // 16-lane vectors of m per register tile
 constexpr int kTileCols = 6;          // columns of n per register tile: 24 accumulators + 4 A + 1 B
-constexpr int64_t kDepthBlock = 256;  // k per pass of a plain product: A's 64 x 256 panel stays near
+constexpr int64_t kDepthBlock = 256;  // k per pass of a plain product: A's 64 x 256 panel stays in L2
 
 // acc (N columns x V vectors) = A (16V rows, k columns) op(B) (k x N); lanes of the last vector
 // outside `last` are not read.
@@ -481,11 +464,8 @@ struct ProbsAndDScores {
     tile_product<V, N, false>(d, k_t + i0, ld_t, q + j0 * ldq, ldq, last, acc);
     #pragma GCC unroll 16
     for (int j = 0; j < N; ++j) {
-      int64_t lo = 0, hi = 16 * V;
-      if (kv_start != nullptr) {
-        lo = clamp_to(kv_start[j0 + j] - col0 - i0, 0, 16 * V);
-        hi = clamp_to(kv_end[j0 + j] - col0 - i0, lo, 16 * V);
-      }
+      int64_t lo, hi;
+      visible_cols(kv_start, kv_end, j0 + j, col0 + i0, 16 * V, lo, hi);
       const __m512 l = _mm512_set1_ps(lse[j0 + j]), s = _mm512_set1_ps(scale);
       #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) {
@@ -528,15 +508,15 @@ void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int6
           const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   using Blas = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
                         const T*, const int*, const T*, const int*, const T*, T*, const int*);
-  if constexpr (std::is_same_v<T, float>) {
 #if TF_AVX512_PATH
+  if constexpr (std::is_same_v<T, float>) {
     if (kUseAvx512 && transa == kN) {
       if (transb == kN) sgemm_avx512<false>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       else sgemm_avx512<true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       return;
     }
-#endif
   }
+#endif
   Blas blas = nullptr;
   if constexpr (std::is_same_v<T, float>) blas = &sgemm_;
   else blas = &dgemm_;
@@ -557,8 +537,9 @@ void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int6
   c_t.addmm_(b_t, a_t, beta, alpha);
 }
 
-// Typed entry points: fp32 goes to the AVX-512 passes where the CPU has them, else to the
-// multiversioned clones; fp64 to the plain template.
+// Typed entry points: the fp32 softmax goes to the AVX-512 pass where the CPU has it, else to the
+// multiversioned clone; the fp32 probs / dS pass only runs on CPUs without AVX-512 (elsewhere
+// probs_and_dscores does it in the product's tile epilogue); fp64 goes to the plain templates.
 void softmax_fwd(float* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
                  int64_t c0, float* mx, float* sum, float* acc, int64_t d) {
 #if TF_AVX512_PATH
@@ -572,9 +553,6 @@ void softmax_fwd(double* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks,
 }
 void probs_dscores(float* S, float* dP, int64_t ld, int64_t r, int64_t c, const int32_t* ks,
                    const int32_t* ke, int64_t c0, const float* lse, const float* delta) {
-#if TF_AVX512_PATH
-  if (kUseAvx512) return probs_dscores_tile_avx512(S, dP, ld, r, c, ks, ke, c0, lse, delta);
-#endif
   probs_dscores_tile_f32(S, dP, ld, r, c, ks, ke, c0, lse, delta);
 }
 void probs_dscores(double* S, double* dP, int64_t ld, int64_t r, int64_t c, const int32_t* ks,

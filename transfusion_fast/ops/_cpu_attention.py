@@ -84,7 +84,8 @@ class _CpuAttention(torch.autograd.Function):
     """o, lse = attention(q, k, v); the backward's (column) tile table rides along.
 
     An autograd.Function around the two opaque ops rather than ``register_autograd``: the library
-    wrapper re-reads the op schema per argument per call (~0.3 ms per forward+backward here)."""
+    wrapper re-reads the op schema per argument per call (548 -> 426 µs of host time per forward+backward
+    at T = 64 on the 2-thread CI machine)."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: Layout, rows: TileTable, cols: TileTable, scale: float):
