@@ -132,6 +132,17 @@ def test_long_packed_documents(blocks):
                              backward_block=backward_blocks)
 
 
+def test_scratch_memory_kept_between_calls_changes_nothing():
+    # Each thread keeps its tile buffers and the transposed keys between calls (csrc Scratch, up
+    # to 8 MiB per buffer; larger requests get their own). Calls after a larger, a smaller and an
+    # over-the-limit call (17,408 tokens in 64-token documents, 2 kv heads: the transposed keys and
+    # the backward's buffers are over 8 MiB) must not see what those left behind.
+    long_docs = Layout.causal(torch.arange(0, 17_408 + 1, 64))
+    for layout in (transfusion_example(3, 37, 20), long_docs, Layout.causal(torch.tensor([0, 100, 170, 300])),
+                   transfusion_example(3, 37, 20)):
+        _check_against_reference(layout, 4, 2, 64, torch.float32)
+
+
 @pytest.mark.parametrize("layout", [
     Layout.causal(torch.tensor([0, 100, 170, 300])),
     Layout.transfusion(torch.tensor([0, 100, 170, 300]), torch.tensor([[90, 100], [100, 140], [200, 260]])),
