@@ -495,12 +495,18 @@ TF_AVX512 void probs_dscores_fused_avx512(const ProbsAndDScores& block, int64_t 
   for_each_register_tile(keys, rows, block);
 }
 
-const bool kUseAvx512 = __builtin_cpu_supports("avx512f");
+const bool kCpuHasAvx512 = __builtin_cpu_supports("avx512f");
 #pragma GCC diagnostic pop
 #else
 #define TF_AVX512_PATH 0
-constexpr bool kUseAvx512 = false;
+constexpr bool kCpuHasAvx512 = false;
 #endif
+
+// Whether the AVX-512 kernels run: where the CPU has AVX-512, unless the test hook
+// attention_cpu_set_avx512 switched them off to run the portable path (BLAS products, compiler-
+// vectorized passes) on an AVX-512 machine.
+std::atomic<bool> g_use_avx512{kCpuHasAvx512};
+TF_INLINE bool use_avx512() { return g_use_avx512.load(std::memory_order_relaxed); }
 
 // Column-major C (m x n) = alpha * op(A) op(B) + beta * C, as in BLAS: fp32 on AVX-512 through
 // sgemm_avx512 (every product of this file has transa == N), the rest through BLAS.
@@ -511,7 +517,7 @@ void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int6
                         const T*, const int*, const T*, const int*, const T*, T*, const int*);
 #if TF_AVX512_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (kUseAvx512 && transa == kN) {
+    if (use_avx512() && transa == kN) {
       if (transb == kN) sgemm_avx512<false>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       else sgemm_avx512<true>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       return;
@@ -544,7 +550,7 @@ void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int6
 void softmax_fwd(float* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
                  int64_t c0, float* mx, float* sum, float* acc, int64_t d) {
 #if TF_AVX512_PATH
-  if (kUseAvx512) return softmax_tile_forward_avx512(S, ld, r, c, ks, ke, c0, mx, sum, acc, d);
+  if (use_avx512()) return softmax_tile_forward_avx512(S, ld, r, c, ks, ke, c0, mx, sum, acc, d);
 #endif
   softmax_tile_forward_f32(S, ld, r, c, ks, ke, c0, mx, sum, acc, d);
 }
@@ -570,7 +576,7 @@ void probs_and_dscores(int64_t keys, int64_t rows, int64_t d, T scale, const T* 
                        const int32_t* kv_end, int64_t col0, const T* lse, const T* delta, T* P, T* dS, int64_t ld) {
 #if TF_AVX512_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (kUseAvx512) {
+    if (use_avx512()) {
       return probs_dscores_fused_avx512({d, scale, k_t, v_t, ld_t, q, grad_out, ldq, ldo, kv_start, kv_end, col0,
                                          lse, delta, P, dS, ld}, keys, rows);
     }
@@ -713,7 +719,7 @@ void transpose_keys(const T* src, int64_t s0, int64_t count, int64_t dim, T* dst
       const int64_t m = std::min(kBlock, dim - d0);
 #if TF_AVX512_PATH
       if constexpr (std::is_same_v<T, float>) {
-        if (kUseAvx512 && n == kBlock && m == kBlock) {
+        if (use_avx512() && n == kBlock && m == kBlock) {
           transpose16x16_avx512(src + t0 * s0 + d0, s0, dst + d0 * ld + t0, ld);
           continue;
         }
@@ -1151,6 +1157,14 @@ at::Tensor attention_cpu_tile_gemm(const at::Tensor& a, const at::Tensor& b, con
   return out;
 }
 
+// Test hook: switches the AVX-512 kernels on or off (off: the portable path that CPUs without
+// AVX-512 run) and returns the previous setting. Switching them on needs a CPU with AVX-512.
+bool attention_cpu_set_avx512(bool enabled) {
+  TORCH_CHECK(!enabled || kCpuHasAvx512, "attention_cpu_set_avx512: enabled=True needs a CPU with AVX-512 "
+              "(and an x86-64 GCC build), this one has none");
+  return g_use_avx512.exchange(enabled);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
@@ -1161,6 +1175,7 @@ TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
         "Tensor kv_start, Tensor kv_end, Tensor q_start, Tensor q_end, Tensor q_lo, Tensor q_hi, Tensor q_full_lo, Tensor q_full_hi, "
         "int block_m, int block_n, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("attention_cpu_tile_gemm(Tensor a, Tensor b, Tensor c, bool trans_b, float alpha, float beta) -> Tensor");
+  m.def("attention_cpu_set_avx512(bool enabled) -> bool", &attention_cpu_set_avx512);
 }
 
 TORCH_LIBRARY_IMPL(transfusion_fast, CPU, m) {

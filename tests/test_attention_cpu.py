@@ -241,15 +241,51 @@ def test_backward_is_deterministic_for_a_thread_count():
             _assert_close(a, b, GRAD_TOL[torch.float32], f"{threads} threads vs 1")
 
 
+# ------------------------------------------------------------------------------ portable path
+@pytest.fixture(params=["native", "portable"])
+def isa(request):
+    """native: the AVX-512 kernels where the CPU has them; portable: the path CPUs without AVX-512
+    run (BLAS products, compiler-vectorized passes), forced through the extension's test hook."""
+    if request.param == "native":
+        yield request.param
+        return
+    previous = _ext.ops().attention_cpu_set_avx512(False)
+    try:
+        yield request.param
+    finally:
+        _ext.ops().attention_cpu_set_avx512(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [transfusion_example(3, 37, 20), Layout.causal(torch.tensor([0, 1100, 1109, 1113, 1130, 1300])),
+                                    Layout.bidirectional(torch.tensor([0, 100, 170, 300]))],
+                         ids=["transfusion", "packed causal", "bidirectional"])
+def test_portable_path_matches_reference(isa, layout, dtype):
+    # Both paths through the same walk: merged mask-free GEMMs, masked sub-blocks, GQA.
+    _check_against_reference(layout, 4, 2, 64, dtype)
+
+
+def test_avx512_switch_rejects_a_cpu_without_it():
+    previous = _ext.ops().attention_cpu_set_avx512(False)
+    try:
+        if previous:   # this CPU has AVX-512: switching back on works
+            assert _ext.ops().attention_cpu_set_avx512(True) is False
+        else:
+            with pytest.raises(RuntimeError, match="enabled=True needs a CPU with AVX-512"):
+                _ext.ops().attention_cpu_set_avx512(True)
+    finally:
+        _ext.ops().attention_cpu_set_avx512(previous)
+
+
 # ------------------------------------------------------------------------------ tile product
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (15, 7, 3), (16, 6, 64), (17, 13, 1), (64, 12, 63), (65, 5, 257),
                                    (130, 11, 600), (40, 1, 0)])
-def test_tile_product_matches_torch(m, n, k, trans_b):
-    # The register-tiled fp32 kernel every product of the CPU attention goes through (on AVX-512
-    # machines; BLAS elsewhere): partial vectors of m, every column remainder of the 6-wide tiles,
-    # k across its 256-deep blocks and k = 0, operands with a row stride (leading dimension) larger
-    # than their width, beta = 0 over a NaN-filled c (must not be read) and beta = 1.
+def test_tile_product_matches_torch(isa, m, n, k, trans_b):
+    # The product every tile of the CPU attention goes through: the register-tiled fp32 kernel on
+    # AVX-512 machines, BLAS on the portable path. Partial vectors of m, every column remainder of
+    # the 6-wide tiles, k across its 256-deep blocks and k = 0, operands with a row stride (leading
+    # dimension) larger than their width, beta = 0 over a NaN-filled c (must not be read), beta = 1.
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     a = torch.randn(k, m + 3, generator=g)[:, :m]
     b = torch.randn(*((k, n + 5) if trans_b else (n, k + 5)), generator=g)
