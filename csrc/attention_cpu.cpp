@@ -544,8 +544,8 @@ void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int6
   c_t.addmm_(b_t, a_t, beta, alpha);
 }
 
-// Typed entry points: the fp32 softmax goes to the AVX-512 pass where the CPU has it, else to the
-// multiversioned clone; the fp32 probs / dS pass only runs on CPUs without AVX-512 (elsewhere
+// Typed entry points: the fp32 softmax goes to the AVX-512 pass where use_avx512(), else to the
+// multiversioned clone; the fp32 probs / dS pass only runs on the portable path (with AVX-512,
 // probs_and_dscores does it in the product's tile epilogue); fp64 goes to the plain templates.
 void softmax_fwd(float* S, int64_t ld, int64_t r, int64_t c, const int32_t* ks, const int32_t* ke,
                  int64_t c0, float* mx, float* sum, float* acc, int64_t d) {
@@ -705,11 +705,14 @@ at::ScalarType compute_type(const at::Tensor& q) {
   return dt == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Row stride of `count` keys stored as (D, count) (transpose_keys): padded, so that it is never a
+// power of two, which would put the 16 rows a transposed block writes into one cache set.
+constexpr int64_t transposed_stride(int64_t count) { return count + 16; }
+
 // dst[d * ld + i] = src[i * s0 + d] for `count` keys of one head (unit stride on d): keys as
 // (D, count), so that the score products run as NN GEMMs (MKL's transposed-A kernel measured ~40%
-// slower per flop here). ld should not be a power of two: the 16 rows a block writes would share
-// one cache set. (Tensor::permute().contiguous() took 3.7 ms for 2,048 x 8 x 64 fp32 on 2 threads,
-// a quarter of the forward on packed documents.)
+// slower per flop here); ld: transposed_stride(count) or more. (Tensor::permute().contiguous()
+// took 3.7 ms for 2,048 x 8 x 64 fp32 on 2 threads, a quarter of the forward on packed documents.)
 template <typename T>
 void transpose_keys(const T* src, int64_t s0, int64_t count, int64_t dim, T* dst, int64_t ld) {
   constexpr int64_t kBlock = 16;
@@ -733,7 +736,7 @@ void transpose_keys(const T* src, int64_t s0, int64_t count, int64_t dim, T* dst
   }
 }
 
-// The keys of every head as (H, D, T), row stride ld = T + 16 (see transpose_keys), into dst: the
+// The keys of every head as (H, D, T), row stride ld (transposed_stride(T)), into dst: the
 // forward's row tiles of all heads share it. The backward instead transposes per task
 // (backward_kernel).
 template <typename T>
@@ -915,7 +918,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
   at::Tensor out = at::empty({g.tq, g.hq, g.d}, q.options());
   at::Tensor lse = at::empty({g.hq, g.tq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(compute, "attention_cpu_fwd", [&] {
-    const int64_t ld = g.tk + 16;
+    const int64_t ld = transposed_stride(g.tk);
     const Scratch keys_t(ScratchSlot::kCall, g.hkv * g.d * ld * sizeof(scalar_t));
     heads_dim_tokens<scalar_t>(k, keys_t.as<scalar_t>(), ld);
     forward_kernel<scalar_t>(q, keys_t.as<scalar_t>(), ld, v, out, lse, kv_start.const_data_ptr<int32_t>(),
@@ -978,13 +981,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   // Query rows per GEMM: consecutive visited rows are contiguous, so one GEMM covers up to
   // max_rows of them.
   const int64_t max_rows = std::max<int64_t>(kBackwardGemmRows, g.bm);
-  // The task's keys and values as (D, keys); the row stride is padded off a power of two, which
-  // would map a transposed block's 16 rows onto one cache set.
+  // The task's keys and values as (D, keys).
   int64_t max_keys = 0;
   for (int64_t c = 0; c < num_chunks; ++c) {
     max_keys = std::max(max_keys, std::min(bounds[c + 1] * g.bn, g.tk) - bounds[c] * g.bn);
   }
-  const int64_t ld_t = max_keys + 16;
+  const int64_t ld_t = transposed_stride(max_keys);
   run_tasks<T>(heaviest_first(work), 2 * max_rows * g.bn + 2 * g.bn * g.d + 2 * g.d * ld_t, [&](T* scratch) {
     return [=, &g, &bounds](int64_t t) {
       const int64_t hk = t / num_chunks, c = t % num_chunks;
@@ -1134,7 +1136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
   return {dq, dk, dv};
 }
 
-// Test hook: the tile product of this file (gemm: the AVX-512 kernel where the CPU has it, else
+// Test hook: the tile product of this file (gemm: the AVX-512 kernel where use_avx512(), else
 // BLAS) on fp32 tensors, in row-major terms: returns alpha * op(b) @ a + beta * c, with a (k, m),
 // op(b) = b (n, k) or b^T for b (k, n), c (n, m); a and b may have any row stride (leading
 // dimension). c is copied first and is not read when beta == 0.
