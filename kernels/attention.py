@@ -7,10 +7,13 @@ The mask is a key interval ``[kv_start[i], kv_end[i])`` per query row (see
   ``m`` walks key tiles ``[kv_lo, kv_full_lo)`` with the element mask, ``[kv_full_lo, kv_full_hi)``
   with no mask arithmetic at all, ``[kv_full_hi, kv_hi)`` with the element mask. Skip tiles are
   never loaded.
-* backward: ``delta = rowsum(dO * O) - dLSE``; a dK/dV kernel, grid ``(num_n_tiles, Hkv)``, walks
-  the query tiles of its key tile (same three ranges from the column side) for every query head of
-  its GQA group inside the program (deterministic, no atomics); a dQ kernel, grid
-  ``(num_m_tiles, Hq)``, walks the same key tiles as the forward.
+* backward: a dQ kernel, grid ``(num_m_tiles, Hq)``, walks the same key tiles as the forward and
+  also writes ``delta = rowsum(dO * O) - dLSE`` of its rows; then a dK/dV kernel, grid
+  ``(num_n_tiles, Hkv)``, walks the query tiles of its key tile (same three ranges from the column
+  side) for every query head of its GQA group inside the program (deterministic, no atomics).
+
+Programs take their tiles from the tile table's longest-first order (``m_order`` / ``n_order``),
+one head after another: the long walks start first and short ones fill the last wave.
 
 The one exception to "no mask arithmetic on full tiles" is a ragged last tile (the sequence length
 is not a multiple of the block): it is full by the table but its loads need a bound, so it goes
@@ -18,8 +21,9 @@ through the masked path, where the element mask is also correct for it. Decode /
 (query rows = the last rows of each document) need nothing special: the intervals encode them.
 
 ``triton_attention`` is registered as the custom ops ``transfusion_fast::triton_attention_fwd`` /
-``_bwd`` with a fake implementation and autograd, so ``torch.compile`` traces it without a graph
-break.
+``_bwd`` with a fake implementation, so ``torch.compile`` traces it without a graph break; eager
+calls launch the kernels directly, through :class:`_Launcher`, which keeps the host time of a call
+small (at a few thousand tokens the GPU otherwise waits for the host).
 
 Tile sizes come from :func:`tile_config` (per head_dim, dtype and sm_80 / sm_90), overridable with
 :func:`forced_tile_sizes`; the tile tables are cached on the Layout per block size, so every layer
@@ -30,11 +34,13 @@ reuses them. A ``COUNT_WORK`` constexpr makes each program record the tiles it c
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 
 from transfusion_fast.layout import Layout, TileTable
 
@@ -106,15 +112,16 @@ def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, WORK,
+def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, M_ORDER,
+              WORK,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
               stride_ot, stride_oh,
               n_queries, n_keys, qk_scale_log2,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
               COUNT_WORK: tl.constexpr):
-    """o, lse of one (row tile, query head)."""
-    pid_m = tl.program_id(0)
+    """o, lse of one (row tile, query head); the row tiles of a head go longest walk first."""
+    pid_m = tl.load(M_ORDER + tl.program_id(0))
     head = tl.program_id(1)
     kv_head = head // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -171,32 +178,6 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FU
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh,
-                         n_queries, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """delta = rowsum(dO * O) - dLSE, fp32, shape (Hq, Tq)."""
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_queries
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    first_row = (pid_m * BLOCK_M).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    o = tl.load(O + first_row * stride_ot + head * stride_oh
-                + (offs_m[:, None] * stride_ot + offs_d[None, :]),
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + first_row * stride_dot + head * stride_doh
-                 + (offs_m[:, None] * stride_dot + offs_d[None, :]),
-                 mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    # d lse_i / d s_ij = p_ij: an lse gradient enters dS exactly like a shift of delta
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + head * n_queries + rows, mask=row_ok, other=0.0)
-    tl.store(DELTA + head * n_queries + rows, delta, mask=row_ok)
-
-
-@triton.jit
 def _dkdv_tile_walk(dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                     stride_dot, KV_START, KV_END, cols, offs_m, offs_d, tile_lo, tile_hi, n_queries,
                     qk_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -250,15 +231,16 @@ def _dkdv_tile_walk(dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, 
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
-                   Q_LO, Q_HI, Q_FULL_LO, Q_FULL_HI, WORK,
+                   Q_LO, Q_HI, Q_FULL_LO, Q_FULL_HI, N_ORDER, WORK,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                    n_queries, n_keys, qk_scale_log2, scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    COUNT_WORK: tl.constexpr):
-    """dK, dV of one (key tile, kv head), summed over the query heads of its GQA group."""
-    pid_n = tl.program_id(0)
+    """dK, dV of one (key tile, kv head), summed over the query heads of its GQA group; the key
+    tiles of a head go longest walk first."""
+    pid_n = tl.load(N_ORDER + tl.program_id(0))
     kv_head = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -358,16 +340,18 @@ def _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, strid
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
-                 KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, WORK,
+def _attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_START, KV_END,
+                 KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, M_ORDER, WORK,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                 stride_dot, stride_doh, stride_dqt, stride_dqh,
+                 stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
                  n_queries, n_keys, qk_scale_log2, scale,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 COUNT_WORK: tl.constexpr):
-    """dQ of one (row tile, query head): one writer per element, deterministic."""
-    pid_m = tl.program_id(0)
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DLSE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, COUNT_WORK: tl.constexpr):
+    """dQ of one (row tile, query head): one writer per element, deterministic. It also writes
+    delta = rowsum(dO * O) - dLSE of its rows, which the dK/dV kernel, launched after it, reads:
+    the backward needs no separate pass over O and dO. The row tiles go longest walk first."""
+    pid_m = tl.load(M_ORDER + tl.program_id(0))
     head = tl.program_id(1)
     kv_head = head // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -378,13 +362,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
     first_row = (pid_m * BLOCK_M).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
 
-    # -- this tile's rows: Q, dO, statistics and key intervals
-    q = tl.load(Q + first_row * stride_qt + head * stride_qh
-                + (offs_m[:, None] * stride_qt + offs_d[None, :]), mask=q_mask, other=0.0)
+    # -- delta = rowsum(dO * O) - dLSE of these rows (d lse_i / d s_ij = p_ij: an lse gradient
+    #    enters dS exactly like a shift of delta); O is dead before Q is loaded
     do = tl.load(DO + first_row * stride_dot + head * stride_doh
                  + (offs_m[:, None] * stride_dot + offs_d[None, :]), mask=q_mask, other=0.0)
+    o = tl.load(O + first_row * stride_ot + head * stride_oh
+                + (offs_m[:, None] * stride_ot + offs_d[None, :]), mask=q_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + head * n_queries + rows, mask=row_ok, other=0.0)
+    tl.store(DELTA + head * n_queries + rows, delta, mask=row_ok)
+    # -- this tile's rows: Q, statistics and key intervals
+    q = tl.load(Q + first_row * stride_qt + head * stride_qh
+                + (offs_m[:, None] * stride_qt + offs_d[None, :]), mask=q_mask, other=0.0)
     lse = tl.load(LSE + head * n_queries + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + head * n_queries + rows, mask=row_ok, other=0.0)
     kv_start = tl.load(KV_START + rows, mask=row_ok, other=0)
     kv_end = tl.load(KV_END + rows, mask=row_ok, other=0)
 
@@ -430,15 +421,16 @@ class TileConfig:
     dkdv_block_m: int
     dkdv_block_n: int
     dkdv_warps: int
+    dkdv_stages: int
     dq_block_m: int
     dq_block_n: int
     dq_warps: int
-    bwd_stages: int
+    dq_stages: int
 
     def as_list(self) -> list[int]:
         return [self.fwd_block_m, self.fwd_block_n, self.fwd_warps, self.fwd_stages,
-                self.dkdv_block_m, self.dkdv_block_n, self.dkdv_warps,
-                self.dq_block_m, self.dq_block_n, self.dq_warps, self.bwd_stages]
+                self.dkdv_block_m, self.dkdv_block_n, self.dkdv_warps, self.dkdv_stages,
+                self.dq_block_m, self.dq_block_n, self.dq_warps, self.dq_stages]
 
     @classmethod
     def from_list(cls, values) -> "TileConfig":
@@ -452,25 +444,29 @@ class TileConfig:
 # spills on sm_80 and sm_90a (tests/test_attention_triton_aot.py, figures in the bench report);
 # large head dims take smaller tiles, more warps and no software pipelining to stay spill-free.
 _SMALL_D = dict(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, fwd_stages=2, dkdv_block_m=32,
-                dkdv_block_n=64, dkdv_warps=4, dq_block_m=64, dq_block_n=32, dq_warps=4,
-                bwd_stages=2)
+                dkdv_block_n=64, dkdv_warps=4, dkdv_stages=2, dq_block_m=64, dq_block_n=32,
+                dq_warps=4, dq_stages=2)
 _MEDIUM_D = dict(_SMALL_D, fwd_stages=1, dkdv_warps=8, dq_warps=8)
 _LARGE_D = dict(fwd_block_m=64, fwd_block_n=32, fwd_warps=8, fwd_stages=1, dkdv_block_m=32,
-                dkdv_block_n=32, dkdv_warps=8, dq_block_m=16, dq_block_n=32, dq_warps=4,
-                bwd_stages=1)
+                dkdv_block_n=32, dkdv_warps=8, dkdv_stages=1, dq_block_m=16, dq_block_n=32,
+                dq_warps=4, dq_stages=1)
 # sm_90: measured on an H100 (scripts/tune_attention_gpu.py, bf16, the 16k-token Transfusion layout
 # of the attention bench, one kernel varied at a time): 64-row forward tiles with 4 warps and a
 # 3-stage pipeline beat 128-row ones at D = 64 (fewer partial tiles per row, more programs);
 # square 64 x 64 backward tiles at D = 64. At D >= 96 the 64-row forward spills in fp16, so it takes
 # 128 x 64 with 8 warps (0.416 against 0.410 ms at D = 128, bf16); dK/dV keeps 32 query rows per
-# step (64 spills) and dQ takes 64 keys, except at D = 96 (padded to 128), whose 64 x 64 dQ spills.
+# step (64 spills). Since dQ also computes delta, its 64 x 64 / 4-warp tile spills at D = 128: it
+# takes 128 x 64 with 8 warps and 3 stages, the fastest in a whole-backward sweep at 4k tokens
+# (0.329 ms, against 0.362 for 64 x 64 / 4 warps and 0.527 for 64 x 64 / 8 warps). D = 96 (padded
+# to 128) keeps a 64 x 32 dQ.
 _SM90_D64 = dict(fwd_block_m=64, fwd_block_n=64, fwd_warps=4, fwd_stages=3, dkdv_block_m=64,
-                 dkdv_block_n=64, dkdv_warps=4, dq_block_m=64, dq_block_n=64, dq_warps=4,
-                 bwd_stages=2)
-_SM90_D128 = dict(_SM90_D64, fwd_block_m=128, fwd_warps=8, dkdv_block_m=32)
+                 dkdv_block_n=64, dkdv_warps=4, dkdv_stages=2, dq_block_m=64, dq_block_n=64,
+                 dq_warps=4, dq_stages=2)
+_SM90_D128 = dict(_SM90_D64, fwd_block_m=128, fwd_warps=8, dkdv_block_m=32, dq_block_m=128,
+                  dq_warps=8, dq_stages=3)
 _SM90 = {
     "small": _SM90_D64,
-    "medium": dict(_SM90_D128, dq_block_n=32),
+    "medium": dict(_SM90_D128, dq_block_m=64, dq_block_n=32, dq_warps=4, dq_stages=2),
     "d128": _SM90_D128,
     "large": dict(_LARGE_D, fwd_block_m=32, dkdv_warps=8, dq_warps=8),
 }
@@ -485,9 +481,9 @@ _HALF_CONFIGS = {
 # FMA-based dot needs far more registers per tile than mma, hence small tiles (spill-free on
 # sm_80 and sm_90a, checked with the same AOT compile, not part of aot_specs()).
 _FP32_CONFIGS = {
-    "small": TileConfig(32, 32, 8, 1, 16, 32, 4, 32, 16, 4, 1),
-    "medium": TileConfig(32, 16, 8, 1, 16, 16, 4, 32, 16, 8, 1),
-    "large": TileConfig(16, 16, 8, 1, 16, 16, 8, 16, 16, 8, 1),
+    "small": TileConfig(32, 32, 8, 1, 16, 32, 4, 1, 32, 16, 4, 1),
+    "medium": TileConfig(32, 16, 8, 1, 16, 16, 4, 1, 32, 16, 8, 1),
+    "large": TileConfig(16, 16, 8, 1, 16, 16, 8, 1, 16, 16, 8, 1),
 }
 
 _forced_config: TileConfig | None = None
@@ -528,8 +524,7 @@ def forced_tile_sizes(block_m: int, block_n: int, num_warps: int = 4, num_stages
         if not isinstance(value, int) or value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {value!r}")
     previous = _forced_config
-    _forced_config = TileConfig(block_m, block_n, num_warps, num_stages, block_m, block_n,
-                                num_warps, block_m, block_n, num_warps, num_stages)
+    _forced_config = TileConfig(*[block_m, block_n, num_warps, num_stages] * 3)
     try:
         yield _forced_config
     finally:
@@ -537,9 +532,60 @@ def forced_tile_sizes(block_m: int, block_n: int, num_warps: int = 4, num_stages
 
 
 # ================================================================================== launchers
-def _preprocess_block_m(block_d: int) -> int:
-    # rows per delta program: 4096 elements of O and of dO per program keep it spill-free
-    return max(16, min(128, 4096 // block_d))
+# Host arithmetic in plain Python: triton.cdiv / next_power_of_2 are constexpr functions whose host
+# calls cost ~2 µs each, and these launchers are on the critical path of every small layer.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _specialization(arg) -> tuple:
+    """What Triton specializes a kernel on, for one argument, or finer: a tensor's dtype and
+    16-byte alignment; an int's being 1, a multiple of 16, and its width (i32 / i64 / u64)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int):
+        width = 32 if -2**31 <= arg < 2**31 else 64 if arg < 2**63 else 65
+        return arg == 1, arg % 16 == 0, width
+    return (type(arg),)
+
+
+class _Launcher:
+    """``kernel[grid](*args, **constexprs)`` without Triton's argument binding on every call.
+
+    ``JITFunction.run`` binds and specializes every argument (about 30 here) and rebuilds the cache
+    key before each launch: ~50 µs of host time per launch on an H100 machine's CPU, longer than the
+    kernels of a 2k-token layer. The CompiledKernel it returns launches directly
+    (``compiled[grid](*args)``); one is kept per specialization key, a key at least as fine as
+    Triton's own (:func:`_specialization`, the constexprs, warps, stages and the current device),
+    so no call runs a binary compiled for other argument properties. The first call of each key,
+    and every call under TRITON_INTERPRET (nothing compiled), goes through the JIT.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled: dict[tuple, tuple] = {}
+
+    def __call__(self, grid: tuple, *args, num_warps: int, num_stages: int, **constexprs):
+        key = (torch.cuda.current_device() if torch.cuda.is_initialized() else -1, num_warps,
+               num_stages, *constexprs.items(), *map(_specialization, args))
+        hit = self.compiled.get(key)
+        if hit is not None:
+            compiled, constexpr_values = hit
+            compiled[(*grid, 1, 1)[:3]](*args, *constexpr_values)    # it takes a 3-D grid
+            return
+        compiled = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages,
+                                     **constexprs)
+        if isinstance(compiled, CompiledKernel):
+            # the launcher takes every parameter in order; the constexprs come last in our kernels
+            names = self.kernel.arg_names[len(args):]
+            if sorted(names) != sorted(constexprs):
+                raise RuntimeError(f"{self.kernel.fn.__name__}: constexprs {sorted(constexprs)} "
+                                   f"are not its trailing parameters {names}")
+            self.compiled[key] = compiled, tuple(constexprs[name] for name in names)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -547,19 +593,32 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale: float,
-                    config: TileConfig, work: torch.Tensor | None = None):
+def _row_walk(table: TileTable) -> tuple[torch.Tensor, ...]:
+    """What a kernel over row tiles reads: key-tile ranges and the longest-first tile order."""
+    return table.kv_lo, table.kv_hi, table.kv_full_lo, table.kv_full_hi, table.m_order
+
+
+def _column_walk(table: TileTable) -> tuple[torch.Tensor, ...]:
+    """What a kernel over key tiles reads: query-tile ranges and the longest-first tile order."""
+    return table.q_lo, table.q_hi, table.q_full_lo, table.q_full_hi, table.n_order
+
+
+_launch_fwd, _launch_dq, _launch_dkdv = map(_Launcher, (_attn_fwd, _attn_bwd_dq, _attn_bwd_dkdv))
+
+
+def _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order,
+                    scale: float, config: TileConfig, work: torch.Tensor | None = None):
     n_queries, hq, head_dim = q.shape
     n_keys, hkv = k.shape[0], k.shape[1]
     o = torch.empty((n_queries, hq, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n_queries, config.fwd_block_m), hq)
-    _attn_fwd[grid](
-        q, k, v, o, lse, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi,
+    grid = (_cdiv(n_queries, config.fwd_block_m), hq)
+    _launch_fwd(
+        grid, q, k, v, o, lse, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order,
         kv_start if work is None else work,   # never written unless COUNT_WORK
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), n_queries, n_keys, scale * _LOG2E,
-        GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim),
         BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n,
         DOT_PRECISION=_dot_precision(q.dtype), COUNT_WORK=work is not None,
         num_warps=config.fwd_warps, num_stages=config.fwd_stages)
@@ -567,69 +626,63 @@ def _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full
 
 
 def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo,
-                     q_full_hi, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale: float,
-                     config: TileConfig, work_dkdv: torch.Tensor | None = None,
+                     q_full_hi, n_order, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order,
+                     scale: float, config: TileConfig, work_dkdv: torch.Tensor | None = None,
                      work_dq: torch.Tensor | None = None):
     n_queries, hq, head_dim = q.shape
     n_keys, hkv = k.shape[0], k.shape[1]
-    block_d = triton.next_power_of_2(head_dim)
     if do.stride(-1) != 1:       # e.g. the expanded gradient of a .sum()
         do = do.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()
+    common = dict(GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim),
+                  DOT_PRECISION=_dot_precision(q.dtype))
 
-    # -- delta = rowsum(dO * O) - dLSE
+    # -- dQ and delta = rowsum(dO * O) - dLSE: one program per (row tile, query head)
     delta = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
-    pre_block = _preprocess_block_m(block_d)
-    _attn_bwd_preprocess[(triton.cdiv(n_queries, pre_block), hq)](
-        o, do, delta if dlse is None else dlse, delta, o.stride(0), o.stride(1), do.stride(0),
-        do.stride(1), n_queries, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
-        HAS_DLSE=dlse is not None)
-
-    common = dict(GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                  DOT_PRECISION=_dot_precision(q.dtype), num_stages=config.bwd_stages)
-    # -- dK, dV: one program per (key tile, kv head)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_dq(
+        (_cdiv(n_queries, config.dq_block_m), hq), q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, kv_start, kv_end,
+        kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order, kv_start if work_dq is None else work_dq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        n_queries, n_keys, scale * _LOG2E, scale,
+        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, HAS_DLSE=dlse is not None,
+        COUNT_WORK=work_dq is not None, num_warps=config.dq_warps, num_stages=config.dq_stages,
+        **common)
+    # -- dK, dV (reads the delta written above): one program per (key tile, kv head)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _attn_bwd_dkdv[(triton.cdiv(n_keys, config.dkdv_block_n), hkv)](
-        q, k, v, do, lse, delta, dk, dv, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
-        kv_start if work_dkdv is None else work_dkdv,
+    _launch_dkdv(
+        (_cdiv(n_keys, config.dkdv_block_n), hkv), q, k, v, do, lse, delta, dk, dv, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
+        n_order, kv_start if work_dkdv is None else work_dkdv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n_queries, n_keys, scale * _LOG2E, scale,
         BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
-        COUNT_WORK=work_dkdv is not None, num_warps=config.dkdv_warps, **common)
-    # -- dQ: one program per (row tile, query head)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _attn_bwd_dq[(triton.cdiv(n_queries, config.dq_block_m), hq)](
-        q, k, v, do, lse, delta, dq, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi,
-        kv_start if work_dq is None else work_dq,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        n_queries, n_keys, scale * _LOG2E, scale,
-        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
-        COUNT_WORK=work_dq is not None, num_warps=config.dq_warps, **common)
+        COUNT_WORK=work_dkdv is not None, num_warps=config.dkdv_warps,
+        num_stages=config.dkdv_stages, **common)
     return dq, dk, dv
 
 
 # ================================================================================== custom ops
-# Two opaque ops (torch.compile traces around them) joined by an autograd.Function. The Function,
-# rather than ``register_autograd`` on the forward op, keeps the host-side cost per call low: the
-# library's autograd wrapper re-reads the op schema for every argument on each call (~85 µs of
-# Python per forward here, more on a GPU machine's slower cores), which on an H100 left the GPU
-# idle between the forward and the backward kernels of a 2k-token layer.
+# Two opaque ops, so that torch.compile traces around the kernels, joined by an autograd.Function.
+# Eager calls launch directly: going through the op (the dispatcher, the library's Python kernel
+# wrapper) costs ~30 µs of host time per op here, and at small sizes the GPU waits for the host.
+# The Function rather than ``register_autograd`` for the same reason: the library's autograd
+# wrapper re-reads the op schema for every argument on each call.
 @torch.library.custom_op("transfusion_fast::triton_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
                       kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
-                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, scale: float,
-                      tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, m_order: torch.Tensor,
+                      scale: float, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (o, lse)."""
-    return _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale,
-                           TileConfig.from_list(tiles))
+    return _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi,
+                           m_order, scale, _config_of(tiles))
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale, tiles):
+def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order, scale, tiles):
     return (q.new_empty(q.shape),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -639,19 +692,29 @@ def _attention_bwd_op(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tens
                       k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                       kv_start: torch.Tensor, kv_end: torch.Tensor, q_lo: torch.Tensor,
                       q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
-                      kv_lo: torch.Tensor, kv_hi: torch.Tensor, kv_full_lo: torch.Tensor,
-                      kv_full_hi: torch.Tensor, scale: float,
-                      tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      n_order: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
+                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, m_order: torch.Tensor,
+                      scale: float, tiles: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv) from dO and, when the lse is used, dLSE."""
     return _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo,
-                            q_full_hi, kv_lo, kv_hi, kv_full_lo, kv_full_hi, scale,
-                            TileConfig.from_list(tiles))
+                            q_full_hi, n_order, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order,
+                            scale, _config_of(tiles))
 
 
 @_attention_bwd_op.register_fake
-def _(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi, kv_lo, kv_hi,
-      kv_full_lo, kv_full_hi, scale, tiles):
+def _(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi, n_order,
+      kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order, scale, tiles):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_from_tuple(values: tuple) -> TileConfig:
+    return TileConfig.from_list(values)
+
+
+def _config_of(tiles: list[int]) -> TileConfig:
+    return _config_from_tuple(tuple(tiles))
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -660,11 +723,13 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_start, kv_end, fwd: TileTable, dkdv: TileTable, dq: TileTable,
                 scale: float, tiles: list[int]):
-        o, lse = _attention_fwd_op(q, k, v, kv_start, kv_end, fwd.kv_lo, fwd.kv_hi,
-                                   fwd.kv_full_lo, fwd.kv_full_hi, scale, tiles)
-        ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, dkdv.q_lo, dkdv.q_hi,
-                              dkdv.q_full_lo, dkdv.q_full_hi, dq.kv_lo, dq.kv_hi, dq.kv_full_lo,
-                              dq.kv_full_hi)
+        if torch.compiler.is_compiling():
+            o, lse = _attention_fwd_op(q, k, v, kv_start, kv_end, *_row_walk(fwd), scale, tiles)
+        else:
+            o, lse = _launch_forward(q, k, v, kv_start, kv_end, *_row_walk(fwd), scale,
+                                     _config_of(tiles))
+        ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, *_column_walk(dkdv),
+                              *_row_walk(dq))
         ctx.scale, ctx.tiles = scale, tiles
         # an unused output's gradient stays None: no zero-filled dLSE is read by the kernels
         ctx.set_materialize_grads(False)
@@ -675,7 +740,12 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, o, lse, *tables = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = _attention_bwd_op(do, dlse, q, k, v, o, lse, *tables, ctx.scale, ctx.tiles)
+        if torch.compiler.is_compiling():
+            dq, dk, dv = _attention_bwd_op(do, dlse, q, k, v, o, lse, *tables, ctx.scale,
+                                           ctx.tiles)
+        else:
+            dq, dk, dv = _launch_backward(do, dlse, q, k, v, o, lse, *tables, ctx.scale,
+                                          _config_of(ctx.tiles))
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -740,11 +810,10 @@ def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 
             "dkdv": torch.zeros(2, num_kv_heads, dkdv.num_n_tiles, dtype=torch.int32,
                                 device=device),
             "dq": torch.zeros(2, num_q_heads, dq.num_m_tiles, dtype=torch.int32, device=device)}
-    o, lse = _launch_forward(q, k, v, layout.kv_start, layout.kv_end, fwd.kv_lo, fwd.kv_hi,
-                             fwd.kv_full_lo, fwd.kv_full_hi, scale, config, work["fwd"])
+    o, lse = _launch_forward(q, k, v, layout.kv_start, layout.kv_end, *_row_walk(fwd), scale,
+                             config, work["fwd"])
     _launch_backward(torch.randn(o.shape, generator=gen).to(device, dtype), None, q, k, v, o, lse,
-                     layout.kv_start, layout.kv_end, dkdv.q_lo, dkdv.q_hi, dkdv.q_full_lo,
-                     dkdv.q_full_hi, dq.kv_lo, dq.kv_hi, dq.kv_full_lo, dq.kv_full_hi, scale,
+                     layout.kv_start, layout.kv_end, *_column_walk(dkdv), *_row_walk(dq), scale,
                      config, work["dkdv"], work["dq"])
     return {name: {"computed": int(work[name][0].sum()), "unmasked": int(work[name][1].sum()),
                    "minimal": table.counts()["computed"] * num_q_heads,
@@ -753,8 +822,7 @@ def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 
 
 
 # ================================================================================== AOT specs
-_KERNELS = {"fwd": _attn_fwd, "preprocess": _attn_bwd_preprocess, "dkdv": _attn_bwd_dkdv,
-            "dq": _attn_bwd_dq}
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _AOT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -789,7 +857,7 @@ def _divisible_by_16(signature: dict) -> tuple:
 def aot_specs(arch: int | None = None) -> list:
     """Every shipped kernel config as a :class:`transfusion_fast.aot.KernelSpec`, labelled.
 
-    One spec per (kernel in fwd / bwd preprocess / dkdv / dq, head_dim, fp16 | bf16, arch); the
+    One spec per (kernel in fwd / dkdv / dq, head_dim, fp16 | bf16, arch); the
     label ends in ``@sm80`` / ``@sm90``: compile each spec for its own arch, e.g.
     ``compile_report(aot_specs(90), archs=(90,))``. ``arch=None`` returns both generations.
     """
@@ -801,23 +869,20 @@ def aot_specs(arch: int | None = None) -> list:
         for head_dim in SUPPORTED_HEAD_DIMS:
             for dtype, data_type in _AOT_DTYPES.items():
                 config = _HALF_CONFIGS[(gen, head_dim)]
-                block_d = triton.next_power_of_2(head_dim)
-                common = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
-                attn = dict(common, GROUP=1, DOT_PRECISION=_dot_precision(dtype), COUNT_WORK=False)
+                attn = dict(HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim), GROUP=1,
+                            DOT_PRECISION=_dot_precision(dtype), COUNT_WORK=False)
                 kernels = {
                     "fwd": (dict(attn, BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n),
                             config.fwd_warps, config.fwd_stages),
-                    "preprocess": (dict(common, BLOCK_M=_preprocess_block_m(block_d),
-                                        HAS_DLSE=False), 4, 1),
                     "dkdv": (dict(attn, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n),
-                             config.dkdv_warps, config.bwd_stages),
-                    "dq": (dict(attn, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n),
-                           config.dq_warps, config.bwd_stages),
+                             config.dkdv_warps, config.dkdv_stages),
+                    "dq": (dict(attn, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
+                                HAS_DLSE=False),
+                           config.dq_warps, config.dq_stages),
                 }
                 for name, (constexprs, warps, stages) in kernels.items():
                     kernel = _KERNELS[name]
-                    blocks = (f" {constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}"
-                              if "BLOCK_N" in constexprs else "")
+                    blocks = f" {constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}"
                     signature = _signature(kernel, data_type, constexprs)
                     specs.append(KernelSpec(
                         module=__name__, kernel=kernel.fn.__name__,

@@ -267,3 +267,49 @@ def test_rejects_bad_forced_tiles_and_unknown_head_dim():
             pass
     with pytest.raises(ValueError, match="head_dim=48"):
         tile_config(48, torch.float16, 90)
+
+
+# ------------------------------------------------------------------------- launches
+def test_specialization_key_is_at_least_as_fine_as_tritons():
+    spec = kernels_attention._specialization
+    # ints: Triton specializes 1, multiples of 16 and the width
+    assert len({spec(1), spec(2), spec(16)}) == 3
+    assert spec(32) == spec(48) and spec(3) == spec(5) == spec(17)
+    assert len({spec(2**31 - 16), spec(2**31), spec(2**63)}) == 3
+    # tensors: dtype and 16-byte alignment of the data pointer
+    base = torch.zeros(64, dtype=torch.float16)
+    assert spec(base) == spec(base[8:]) != spec(base[1:])
+    assert spec(base) != spec(base.float())
+
+
+def test_launcher_reuses_a_binary_only_for_the_same_specialization(monkeypatch):
+    """The cached launch path (a GPU runs it; the interpreter compiles nothing): a second call with
+    the same argument properties launches the kept binary with every parameter in order; a call
+    with another alignment, int property or constexpr goes through the JIT again."""
+    jit_calls, binary_calls = [], []
+
+    class Binary:
+        def __getitem__(self, grid):
+            assert len(grid) == 3    # a CompiledKernel reads grid[0], grid[1] and grid[2]
+            return lambda *args: binary_calls.append((grid, args))
+
+    class Kernel:   # a JITFunction's surface: kernel[grid](*args, **options)
+        arg_names = ["X", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                jit_calls.append((grid, args, kwargs))
+                return Binary()
+            return run
+
+    monkeypatch.setattr(kernels_attention, "CompiledKernel", Binary)
+    launch = kernels_attention._Launcher(Kernel())
+    x = torch.zeros(64, dtype=torch.float16)
+    launch((4,), x, 64, num_warps=4, num_stages=2, BLOCK=32)
+    launch((8,), x, 64, num_warps=4, num_stages=2, BLOCK=32)
+    assert len(jit_calls) == 1 and binary_calls == [((8, 1, 1), (x, 64, 32))]
+    launch((8,), x[1:], 64, num_warps=4, num_stages=2, BLOCK=32)    # misaligned pointer
+    launch((8,), x, 65, num_warps=4, num_stages=2, BLOCK=32)        # not a multiple of 16
+    launch((8,), x, 64, num_warps=4, num_stages=2, BLOCK=64)        # another constexpr
+    launch((8,), x, 64, num_warps=8, num_stages=2, BLOCK=32)        # other options
+    assert len(jit_calls) == 5 and len(binary_calls) == 1

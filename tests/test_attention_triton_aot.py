@@ -17,7 +17,7 @@ from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS
 
 # Max dynamic shared memory per block: A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
-KERNELS = ("fwd", "preprocess", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq")
 # (head_dim, dtype label, arch) compiled by the test: each distinct tile configuration (small,
 # medium and large head dims on each architecture) once, alternating the dtype.
 REPRESENTATIVE = [(64, "fp16", 80), (64, "bf16", 90), (128, "bf16", 80), (96, "fp16", 90),
@@ -37,13 +37,12 @@ def test_aot_specs_cover_every_shipped_config():
     for spec in specs:
         kernel, head_dim, dtype, arch = _key(spec)
         assert spec.constexprs["HEAD_DIM"] == head_dim
-        if kernel in ("fwd", "dkdv", "dq"):
-            config = tile_config(head_dim, torch.float16, arch)
-            block = {"fwd": (config.fwd_block_m, config.fwd_block_n),
-                     "dkdv": (config.dkdv_block_m, config.dkdv_block_n),
-                     "dq": (config.dq_block_m, config.dq_block_n)}[kernel]
-            assert (spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"]) == block
-            assert spec.constexprs["COUNT_WORK"] is False
+        config = tile_config(head_dim, torch.float16, arch)
+        block = {"fwd": (config.fwd_block_m, config.fwd_block_n),
+                 "dkdv": (config.dkdv_block_m, config.dkdv_block_n),
+                 "dq": (config.dq_block_m, config.dq_block_n)}[kernel]
+        assert (spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"]) == block
+        assert spec.constexprs["COUNT_WORK"] is False
     assert {len(aot_specs(80)), len(aot_specs(90))} == {len(specs) // 2}
 
 
@@ -53,8 +52,7 @@ def test_representative_configs_compile_without_spills():
     by_arch = {80: [], 90: []}
     for spec in aot_specs():
         kernel, head_dim, dtype, arch = _key(spec)
-        wanted = kernel != "preprocess" or head_dim in (96, 128, 256)
-        if (head_dim, dtype, arch) in chosen and wanted:
+        if (head_dim, dtype, arch) in chosen:
             by_arch[arch].append(spec)
     with ThreadPoolExecutor(2) as pool:   # one compile subprocess per architecture
         batches = pool.map(lambda arch: compile_report(by_arch[arch], archs=(arch,)), by_arch)
@@ -69,5 +67,4 @@ def test_representative_configs_compile_without_spills():
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.label} on {r.arch} spills: {r}"
         assert 0 < r.registers <= 255
         assert r.shared_bytes <= SHARED_LIMIT[r.arch], f"{r.label} on {r.arch}: {r.shared_bytes} B"
-        if not r.label.startswith("preprocess"):
-            assert r.tensor_cores, f"{r.label} on {r.arch}: no mma/wgmma in the PTX"
+        assert r.tensor_cores, f"{r.label} on {r.arch}: no mma/wgmma in the PTX"

@@ -72,6 +72,19 @@ def test_tables_are_cached_and_int32():
         assert v.dtype == torch.int32 and v.is_contiguous()
 
 
+@given(layouts(), st.sampled_from([16, 32, 64]), st.sampled_from([16, 64]))
+def test_tile_orders_are_longest_walk_first(drawn, block_m, block_n):
+    table = drawn[0].tile_table(block_m, block_n)
+    for order, lo, hi, count in ((table.m_order, table.kv_lo, table.kv_hi, table.num_m_tiles),
+                                 (table.n_order, table.q_lo, table.q_hi, table.num_n_tiles)):
+        assert order.dtype == torch.int32
+        assert sorted(order.tolist()) == list(range(count))      # every tile exactly once
+        walks = (hi - lo).tolist()
+        ranked = [(walks[tile], tile) for tile in order.tolist()]
+        for (w1, t1), (w2, t2) in zip(ranked, ranked[1:]):       # longest first, ties by index
+            assert w1 > w2 or (w1 == w2 and t1 < t2)
+
+
 def test_decode_rows_are_suffix_of_prefill():
     cu = torch.tensor([0, 10, 25], dtype=torch.int32)
     spans = torch.tensor([[3, 7], [15, 25]], dtype=torch.int32)

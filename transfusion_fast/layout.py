@@ -37,6 +37,10 @@ class TileTable:
     ``[kv_full_lo[m], kv_full_hi[m])`` are full (no mask arithmetic), the rest are partial.
     Key tile ``n`` must visit query tiles ``[q_lo[n], q_hi[n])`` with full sub-range
     ``[q_full_lo[n], q_full_hi[n])``. An empty full range is stored as ``full_lo == full_hi == hi``.
+    ``m_order`` lists the row tiles by decreasing number of key tiles to visit, ``n_order`` the key
+    tiles by decreasing number of query tiles (ties in index order): a kernel whose programs take
+    their tiles in that order starts the longest ones first, so the short ones fill the last wave
+    instead of the longest ones running alone at the end (causal layouts: the last row tiles).
     All tensors are int32 on the layout's device.
     """
 
@@ -52,6 +56,8 @@ class TileTable:
     q_hi: torch.Tensor
     q_full_lo: torch.Tensor
     q_full_hi: torch.Tensor
+    m_order: torch.Tensor
+    n_order: torch.Tensor
 
     def counts(self) -> dict:
         """Number of skip / full / partial tiles (identical from the row and the column side)."""
@@ -90,6 +96,11 @@ def _tile_ranges(start: torch.Tensor, end: torch.Tensor, block_rows: int, block_
     full_hi = torch.where(empty, hi, full_hi)
     as32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return n_row_tiles, n_col_tiles, as32(lo), as32(hi), as32(full_lo), as32(full_hi)
+
+
+def _longest_first(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Tile indices by decreasing walk length ``hi - lo``, ties in index order (int32)."""
+    return torch.argsort(hi - lo, descending=True, stable=True).to(torch.int32)
 
 
 class Layout:
@@ -221,7 +232,8 @@ class Layout:
             _, _, q_lo, q_hi, q_flo, q_fhi = _tile_ranges(
                 self.q_start, self.q_end, block_n, block_m, self.num_queries)
             self._tables[key] = TileTable(block_m, block_n, nm, nn, kv_lo, kv_hi, kv_flo, kv_fhi,
-                                          q_lo, q_hi, q_flo, q_fhi)
+                                          q_lo, q_hi, q_flo, q_fhi, _longest_first(kv_lo, kv_hi),
+                                          _longest_first(q_lo, q_hi))
         return self._tables[key]
 
     def tile_counts(self, block_m: int, block_n: int) -> dict:
