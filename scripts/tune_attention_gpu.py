@@ -33,16 +33,17 @@ FWD = [(128, 32, 8, 1), (128, 32, 8, 3), (128, 64, 8, 1), (128, 64, 8, 2), (128,
        (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 3)]
 DKDV = [(32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3),
         (32, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2), (16, 64, 4, 3), (16, 128, 8, 3)]
-DQ = [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3),
+DQ = [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3),
       (128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3)]
 
 
-# whole configs (fwd bm, bn, warps, stages | dkdv bm, bn, warps | dq bm, bn, warps | bwd stages)
+# whole configs (fwd bm, bn, warps, stages | dkdv bm, bn, warps, stages | dq bm, bn, warps, stages)
 COMBINED = {
-    64: [(64, 64, 4, 3, 64, 64, 4, 64, 64, 4, 2), (64, 64, 4, 3, 64, 64, 4, 64, 64, 4, 3),
-         (64, 64, 4, 3, 32, 64, 4, 64, 64, 4, 2), (128, 64, 4, 3, 64, 64, 4, 64, 64, 4, 3)],
-    128: [(64, 64, 4, 3, 32, 64, 4, 64, 64, 4, 2), (128, 64, 8, 3, 32, 64, 4, 64, 64, 4, 2),
-          (64, 64, 4, 3, 32, 64, 4, 128, 64, 8, 2), (64, 64, 4, 3, 32, 64, 4, 64, 32, 4, 2)],
+    64: [(64, 64, 4, 3, 64, 64, 4, 2, 64, 64, 4, 2), (64, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+         (64, 64, 4, 3, 64, 64, 4, 2, 128, 64, 8, 3), (128, 64, 8, 3, 64, 64, 4, 2, 64, 64, 4, 2)],
+    128: [(128, 64, 8, 3, 32, 64, 4, 2, 128, 64, 8, 3), (128, 64, 8, 3, 32, 64, 4, 2, 64, 32, 4, 2),
+          (128, 64, 8, 3, 16, 64, 4, 3, 128, 64, 8, 3), (128, 64, 8, 3, 16, 64, 4, 2, 128, 64, 8, 3),
+          (128, 64, 8, 3, 32, 64, 4, 2, 64, 64, 4, 2)],
 }
 
 
@@ -106,8 +107,8 @@ def _with(config, kernel: str, cand) -> attn.TileConfig:
     if kernel == "fwd":
         return dataclasses.replace(config, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=s)
     if kernel == "dkdv":
-        return dataclasses.replace(config, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, bwd_stages=s)
-    return dataclasses.replace(config, dq_block_m=bm, dq_block_n=bn, dq_warps=w, bwd_stages=s)
+        return dataclasses.replace(config, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=s)
+    return dataclasses.replace(config, dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=s)
 
 
 def sweep(head_dim: int, copies: int) -> list[dict]:
@@ -119,13 +120,11 @@ def sweep(head_dim: int, copies: int) -> list[dict]:
     def run(config: attn.TileConfig):
         fwd, dkdv, dq = attn._tables(layout, config)
         forward = lambda: attn._launch_forward(  # noqa: E731
-            q, k, v, layout.kv_start, layout.kv_end, fwd.kv_lo, fwd.kv_hi, fwd.kv_full_lo,
-            fwd.kv_full_hi, scale, config)
+            q, k, v, layout.kv_start, layout.kv_end, *attn._row_walk(fwd), scale, config)
         o, lse = forward()
         backward = lambda: attn._launch_backward(  # noqa: E731
-            do, None, q, k, v, o, lse, layout.kv_start, layout.kv_end, dkdv.q_lo, dkdv.q_hi,
-            dkdv.q_full_lo, dkdv.q_full_hi, dq.kv_lo, dq.kv_hi, dq.kv_full_lo, dq.kv_full_hi,
-            scale, config)
+            do, None, q, k, v, o, lse, layout.kv_start, layout.kv_end, *attn._column_walk(dkdv),
+            *attn._row_walk(dq), scale, config)
         return forward, backward, (o, *backward())
 
     _, _, expected = run(shipped)
