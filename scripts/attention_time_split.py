@@ -23,9 +23,9 @@ from collections import defaultdict
 
 import torch
 
-from transfusion_fast import ops
 from transfusion_fast.layout import Layout
-from transfusion_fast.testing import random_qkv, transfusion_example
+from transfusion_fast.testing import transfusion_example
+from tune_attention_gpu import bench_inputs, layer_calls, wall_ms   # scripts/ is on sys.path
 
 
 def _cases():
@@ -38,19 +38,6 @@ def _cases():
                    lambda n=copies: transfusion_example(7, 256, 32, num_sequences=n, device="cuda"))
     yield "bidirectional T=4096 D=128", 128, lambda: single(4096, True)
     yield "causal T=16384 D=128", 128, lambda: single(16384, False)
-
-
-def _wall_us(fn, rounds: int) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e6
 
 
 def _device_and_host_us(fn, rounds: int) -> tuple[float, float, bool]:
@@ -122,26 +109,15 @@ def main(argv=None) -> int:
     rows = []
     for name, head_dim, build in _cases():
         layout = build()
-        heads = 2048 // head_dim
-        q, k, v = random_qkv(layout.num_keys, layout.num_keys, heads, heads, head_dim,
-                             dtype=torch.bfloat16, device="cuda", seed=0)
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        grad_out = torch.randn_like(q)
-
-        def forward():
-            with torch.no_grad():
-                return ops.attention(q, k, v, layout)
-
-        def forward_backward():
-            return torch.autograd.grad(ops.attention(*leaves, layout), leaves, grad_out)
-
+        _, q, k, v, grad_out = bench_inputs(layout, head_dim)
+        forward, forward_backward = layer_calls(layout, q, k, v, grad_out)
         if args.profile_host:
             _profile_host(forward_backward, args.profile_host)
             return 0
         for pass_, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
             device, host, covered = _device_and_host_us(fn, args.rounds)
             row = {"label": args.label, "case": name, "pass": pass_,
-                   "wall_us": round(_wall_us(fn, args.rounds), 1), "device_us": round(device, 1),
+                   "wall_us": round(wall_ms(fn, args.rounds) * 1e3, 1), "device_us": round(device, 1),
                    "host_us": round(host, 1), "sleep_covered_enqueue": covered,
                    "kernels_us": _kernel_us(fn, 10)}
             rows.append(row)

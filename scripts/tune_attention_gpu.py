@@ -47,7 +47,7 @@ COMBINED = {
 }
 
 
-def _wall_ms(fn, rounds: int = 30) -> float:
+def wall_ms(fn, rounds: int = 30) -> float:
     """Min over synchronized calls by the host clock: kernel time plus host overhead."""
     for _ in range(10):
         fn()
@@ -61,36 +61,49 @@ def _wall_ms(fn, rounds: int = 30) -> float:
     return best * 1e3
 
 
-def _problem(head_dim: int, copies: int):
-    """The bench's Transfusion layout (``copies`` documents), bf16 q, k, v, dO, heads = 2048 // D,
-    and the shipped tile config for this GPU."""
-    layout = transfusion_example(7, 256, 32, num_sequences=copies, device="cuda")
+def bench_inputs(layout, head_dim: int):
+    """bf16 q, k, v and dO for ``layout``, heads = 2048 // head_dim, as in the attention bench."""
     heads = 2048 // head_dim
     q, k, v = random_qkv(layout.num_keys, layout.num_keys, heads, heads, head_dim,
                          dtype=torch.bfloat16, device="cuda", seed=0)
+    return heads, q, k, v, torch.randn_like(q)
+
+
+def layer_calls(layout, q, k, v, grad_out):
+    """``ops.attention`` forward (no grad) and forward+backward, as the bench times them."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+
+    def forward():
+        with torch.no_grad():
+            return ops.attention(q, k, v, layout)
+
+    def forward_backward():
+        return torch.autograd.grad(ops.attention(*leaves, layout), leaves, grad_out)
+    return forward, forward_backward
+
+
+def _problem(head_dim: int, copies: int):
+    """The bench's Transfusion layout (``copies`` documents), its inputs and the shipped tile
+    config for this GPU."""
+    layout = transfusion_example(7, 256, 32, num_sequences=copies, device="cuda")
+    heads, q, k, v, do = bench_inputs(layout, head_dim)
     shipped = attn.tile_config(head_dim, torch.bfloat16, attn._gpu_arch(q.device))
-    return layout, heads, q, k, v, torch.randn_like(q), shipped
+    return layout, heads, q, k, v, do, shipped
 
 
 def combined(head_dim: int, copies: int) -> list[dict]:
     layout, _, q, k, v, do, shipped = _problem(head_dim, copies)
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    forward, forward_backward = layer_calls(layout, q, k, v, do)
     rows = []
     for values in [tuple(shipped.as_list())] + [c for c in COMBINED.get(head_dim, []) if c != tuple(shipped.as_list())]:
         config = attn.TileConfig.from_list(values)
         attn._forced_config = config
         try:
-            def forward():
-                with torch.no_grad():
-                    return ops.attention(q, k, v, layout)
-
-            def forward_backward():
-                return torch.autograd.grad(ops.attention(*leaves, layout), leaves, do)
             row = {"head_dim": head_dim, "config": values, "shipped": config == shipped,
                    "fwd_ms": triton.testing.do_bench(forward, warmup=25, rep=150, return_mode="median"),
                    "fwd_bwd_ms": triton.testing.do_bench(forward_backward, warmup=25, rep=150,
                                                          return_mode="median"),
-                   "fwd_wall_ms": _wall_ms(forward), "fwd_bwd_wall_ms": _wall_ms(forward_backward)}
+                   "fwd_wall_ms": wall_ms(forward), "fwd_bwd_wall_ms": wall_ms(forward_backward)}
         finally:
             attn._forced_config = None
         rows.append(row)
