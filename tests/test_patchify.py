@@ -202,3 +202,15 @@ def test_cuda_patchify_equals_cpu(layout, dtype):
     sizes = [tuple(image.shape[1:]) for image in image_list]
     for a, b in zip(unpatchify_packed(gpu, gpu_offsets, 2, sizes), image_list):
         assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.gpu
+def test_cuda_patchify_beyond_32_bit_indices():
+    """2^31 patch elements: the CUDA kernels switch from 32-bit fast division to 64-bit indices.
+    Checked against the reference permute on the GPU (the CPU kernels index in 64 bits always; a
+    CPU twin of this size would need 16 GiB)."""
+    images = torch.randn(1, 2, 32768, 32768, dtype=torch.bfloat16, device="cuda")
+    patches = patchify(images, 2)
+    assert torch.equal(patches, patchify_reference(images, 2))
+    del images
+    assert torch.equal(unpatchify(patches, 2, 32768, 32768), unpatchify_reference(patches, 2, 32768, 32768))
