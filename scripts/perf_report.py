@@ -1,11 +1,12 @@
 """Regenerate the README "Performance" sections from the saved benchmark JSON files.
 
     python scripts/perf_report.py [--json bench/results/latest.json]
-                                  [--gpu-json bench/results/gpu-h100.json] [--readme README.md] [--check]
+                                  [--gpu-json bench/results/gpu-*.json ...] [--readme README.md] [--check]
 
 Two regions of the README are generated: the CPU run of ``pytest bench/ --benchmark`` (``--json``)
-between ``<!-- perf:start -->`` and ``<!-- perf:end -->``, and the latest run on a GPU machine
-(``--gpu-json``, saved from ``scripts/gpu_session.sh bench``; optional) between
+between ``<!-- perf:start -->`` and ``<!-- perf:end -->``, and the latest run on each kind of GPU
+machine (``--gpu-json``, default every ``bench/results/gpu-*.json``, saved from
+``scripts/gpu_session.sh bench``; optional), one after the other, between
 ``<!-- perf-gpu:start -->`` and ``<!-- perf-gpu:end -->``. Everything else is left untouched. If a
 region's markers are absent, that section is printed to stdout instead (and the script says so on
 stderr). ``--check`` exits 1 when a section differs from what its JSON gives (for CI: the published
@@ -53,7 +54,8 @@ def replace_section(readme: str, body: str, start: str = START, end: str = END) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
-    parser.add_argument("--gpu-json", type=Path, default=ROOT / "bench" / "results" / "gpu-h100.json")
+    parser.add_argument("--gpu-json", type=Path, nargs="*",
+                        default=sorted((ROOT / "bench" / "results").glob("gpu-*.json")))
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true",
                         help="do not write: exit 1 if a README section is out of date")
@@ -62,11 +64,12 @@ def main(argv=None) -> int:
     if not args.json.exists():
         print(f"{args.json} does not exist: run `pytest bench/ --benchmark` first", file=sys.stderr)
         return 2
-    gpu = json.loads(args.gpu_json.read_text()) if args.gpu_json.exists() else None
+    gpu = [render(json.loads(path.read_text()), _relative(path))
+           for path in args.gpu_json if path.exists()]
     sections = [(START, END, render(json.loads(args.json.read_text()), _relative(args.json),
                                     gpu_section=GPU_TITLE if gpu else ""))]
-    if gpu is not None:
-        sections.append((GPU_START, GPU_END, render(gpu, _relative(args.gpu_json))))
+    if gpu:
+        sections.append((GPU_START, GPU_END, "\n".join(gpu)))
 
     readme = args.readme.read_text() if args.readme.exists() else ""
     updated, status = readme, 0
