@@ -557,8 +557,8 @@ class _Launcher:
     """``kernel[grid](*args, **constexprs)`` without Triton's argument binding on every call.
 
     ``JITFunction.run`` binds and specializes every argument (about 30 here) and rebuilds the cache
-    key before each launch: ~50 µs of host time per launch on an H100 machine's CPU, longer than the
-    kernels of a 2k-token layer. The CompiledKernel it returns launches directly
+    key before each launch: ~50 µs of host time per launch on an H100 machine's CPU, longer than
+    the kernels of a 2k-token layer. The CompiledKernel it returns launches directly
     (``compiled[grid](*args)``); one is kept per specialization key, a key at least as fine as
     Triton's own (:func:`_specialization`, the constexprs, warps, stages and the current device),
     so no call runs a binary compiled for other argument properties. The first call of each key,
@@ -642,8 +642,9 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
     delta = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_dq(
-        (_cdiv(n_queries, config.dq_block_m), hq), q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, kv_start, kv_end,
-        kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order, kv_start if work_dq is None else work_dq,
+        (_cdiv(n_queries, config.dq_block_m), hq), q, k, v, o, do, lse,
+        delta if dlse is None else dlse, delta, dq, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo,
+        kv_full_hi, m_order, kv_start if work_dq is None else work_dq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         n_queries, n_keys, scale * _LOG2E, scale,
@@ -654,8 +655,9 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _launch_dkdv(
-        (_cdiv(n_keys, config.dkdv_block_n), hkv), q, k, v, do, lse, delta, dk, dv, kv_start, kv_end, q_lo, q_hi, q_full_lo, q_full_hi,
-        n_order, kv_start if work_dkdv is None else work_dkdv,
+        (_cdiv(n_keys, config.dkdv_block_n), hkv), q, k, v, do, lse, delta, dk, dv, kv_start,
+        kv_end, q_lo, q_hi, q_full_lo, q_full_hi, n_order,
+        kv_start if work_dkdv is None else work_dkdv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n_queries, n_keys, scale * _LOG2E, scale,
@@ -666,19 +668,23 @@ def _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_
 
 
 # ================================================================================== custom ops
-# Two opaque ops, so that torch.compile traces around the kernels, joined by an autograd.Function.
-# Eager calls launch directly: going through the op (the dispatcher, the library's Python kernel
-# wrapper) costs ~30 µs of host time per op here, and at small sizes the GPU waits for the host.
-# The Function rather than ``register_autograd`` for the same reason: the library's autograd
-# wrapper re-reads the op schema for every argument on each call.
-@torch.library.custom_op("transfusion_fast::triton_attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
-                      kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
-                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, m_order: torch.Tensor,
-                      scale: float, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+# The forward and the backward, each registered as an opaque op so that torch.compile traces
+# around the kernels, joined by an autograd.Function. Eager calls run the plain functions: going
+# through the op (the dispatcher, the library's Python kernel wrapper) costs ~30 µs of host time
+# per op here, and at small sizes the GPU waits for the host. The Function rather than
+# ``register_autograd`` for the same reason: the library's autograd wrapper re-reads the op schema
+# for every argument on each call.
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
+                   kv_end: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
+                   kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, m_order: torch.Tensor,
+                   scale: float, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (o, lse)."""
     return _launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi,
                            m_order, scale, _config_of(tiles))
+
+
+_attention_fwd_op = torch.library.custom_op("transfusion_fast::triton_attention_fwd",
+                                            mutates_args=())(_attention_fwd)
 
 
 @_attention_fwd_op.register_fake
@@ -687,19 +693,22 @@ def _(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order, 
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("transfusion_fast::triton_attention_bwd", mutates_args=())
-def _attention_bwd_op(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
-                      k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                      kv_start: torch.Tensor, kv_end: torch.Tensor, q_lo: torch.Tensor,
-                      q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
-                      n_order: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
-                      kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, m_order: torch.Tensor,
-                      scale: float, tiles: list[int]
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                   kv_start: torch.Tensor, kv_end: torch.Tensor, q_lo: torch.Tensor,
+                   q_hi: torch.Tensor, q_full_lo: torch.Tensor, q_full_hi: torch.Tensor,
+                   n_order: torch.Tensor, kv_lo: torch.Tensor, kv_hi: torch.Tensor,
+                   kv_full_lo: torch.Tensor, kv_full_hi: torch.Tensor, m_order: torch.Tensor,
+                   scale: float, tiles: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv) from dO and, when the lse is used, dLSE."""
     return _launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_full_lo,
                             q_full_hi, n_order, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order,
                             scale, _config_of(tiles))
+
+
+_attention_bwd_op = torch.library.custom_op("transfusion_fast::triton_attention_bwd",
+                                            mutates_args=())(_attention_bwd)
 
 
 @_attention_bwd_op.register_fake
@@ -723,11 +732,8 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_start, kv_end, fwd: TileTable, dkdv: TileTable, dq: TileTable,
                 scale: float, tiles: list[int]):
-        if torch.compiler.is_compiling():
-            o, lse = _attention_fwd_op(q, k, v, kv_start, kv_end, *_row_walk(fwd), scale, tiles)
-        else:
-            o, lse = _launch_forward(q, k, v, kv_start, kv_end, *_row_walk(fwd), scale,
-                                     _config_of(tiles))
+        forward = _attention_fwd_op if torch.compiler.is_compiling() else _attention_fwd
+        o, lse = forward(q, k, v, kv_start, kv_end, *_row_walk(fwd), scale, tiles)
         ctx.save_for_backward(q, k, v, o, lse, kv_start, kv_end, *_column_walk(dkdv),
                               *_row_walk(dq))
         ctx.scale, ctx.tiles = scale, tiles
@@ -740,12 +746,8 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, o, lse, *tables = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        if torch.compiler.is_compiling():
-            dq, dk, dv = _attention_bwd_op(do, dlse, q, k, v, o, lse, *tables, ctx.scale,
-                                           ctx.tiles)
-        else:
-            dq, dk, dv = _launch_backward(do, dlse, q, k, v, o, lse, *tables, ctx.scale,
-                                          _config_of(ctx.tiles))
+        backward = _attention_bwd_op if torch.compiler.is_compiling() else _attention_bwd
+        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, *tables, ctx.scale, ctx.tiles)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
