@@ -2,7 +2,8 @@
 
     python scripts/attention_time_split.py [--json PATH] [--rounds 30]
 
-For the attention bench's GPU layouts (bf16, heads = 2048 // head_dim), forward and forward+backward:
+For the attention bench's GPU layouts (bf16, heads = 2048 // head_dim), forward and
+forward+backward:
 
 * ``wall``: min over synchronized calls, as the bench times them;
 * ``device``: ``--rounds`` calls queued behind a long ``torch.cuda._sleep``, CUDA events around
@@ -25,7 +26,8 @@ import torch
 
 from transfusion_fast.layout import Layout
 from transfusion_fast.testing import transfusion_example
-from tune_attention_gpu import bench_inputs, layer_calls, wall_ms   # scripts/ is on sys.path
+# scripts/ is on sys.path when this file runs
+from tune_attention_gpu import bench_inputs, layer_calls, save_rows, wall_ms
 
 
 def _cases():
@@ -126,9 +128,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['case']:34} {r['pass']:8} {r['wall_us']:8.1f} {r['device_us']:8.1f} "
               f"{r['host_us']:8.1f}{'' if r['sleep_covered_enqueue'] else '  (sleep too short)'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save_rows(args.json, rows)
     return 0
 
 

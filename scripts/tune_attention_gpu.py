@@ -61,6 +61,13 @@ def wall_ms(fn, rounds: int = 30) -> float:
     return best * 1e3
 
 
+def save_rows(path: str | None, rows: list[dict]) -> None:
+    """The measured rows as JSON at ``path`` (``--json``), if one was given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def bench_inputs(layout, head_dim: int):
     """bf16 q, k, v and dO for ``layout``, heads = 2048 // head_dim, as in the attention bench."""
     heads = 2048 // head_dim
@@ -178,9 +185,7 @@ def main(argv=None) -> int:
             mark = "*" if r["shipped"] else " "
             print(f"{r['head_dim']:4d} {str(r['config']):47}{mark} {r['fwd_ms']:7.3f} {r['fwd_bwd_ms']:8.3f} "
                   f"{r['fwd_wall_ms']:9.3f} {r['fwd_bwd_wall_ms']:9.3f}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        save_rows(args.json, rows)
         return 0
     rows = [r for d in args.head_dims for r in sweep(d, args.copies)]
     print(f"\n{'d':>4} {'kernel':6} {'tiles':16} {'ms':>8} {'TFLOP/s':>8} {'rel_err':>8}")
@@ -192,9 +197,7 @@ def main(argv=None) -> int:
                   f"{r['tflops']:8.1f} {r['rel_err']:8.1e}{flag}")
         else:
             print(f"{r['head_dim']:4d} {r['kernel']:6} {r['tiles']:15}{mark} {r['error']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save_rows(args.json, rows)
     return 0
 
 
