@@ -9,9 +9,9 @@
 //
 // Forward (FlashAttention-2): one task per (query head, row tile), online softmax, saves the
 // log-sum-exp. Backward: one task per (kv head, chunk of key tiles); it owns dK/dV of its key tiles
-// (summed over the GQA group inside the task) and adds dQ of the group's query heads into a buffer
-// private to its chunk: no two tasks write the same memory, so results do not depend on the thread
-// count or on scheduling (deterministic). P is recomputed from the LSE and dS = P * (dP - delta) with
+// (summed over the GQA group inside the task) and accumulates dQ of the group's query heads in a
+// buffer of its own, written out into the slice of dq private to its chunk: no two tasks write the
+// same memory, so results do not depend on the thread count or on scheduling (deterministic). P is recomputed from the LSE and dS = P * (dP - delta) with
 // delta = rowsum(dO * O) (minus the gradient of the LSE, when the LSE itself is differentiated).
 //
 // Inside the table's range, the walk follows the documents (for_each_segment): the rows of a row
@@ -497,6 +497,10 @@ TF_AVX512 void probs_dscores_fused_avx512(const ProbsAndDScores& block, int64_t 
 
 // dst[i] = src[i] * scale with streaming stores (dst 64-byte aligned, n a multiple of 16).
 TF_AVX512 void stream_scaled_row_avx512(float* dst, const float* src, int64_t n, float scale) {
+  if (src == nullptr) {
+    for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_setzero_ps());
+    return;
+  }
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_mul_ps(_mm512_loadu_ps(src + i), s));
 }
@@ -551,7 +555,7 @@ void gemm(TransposeType transa, TransposeType transb, int64_t m, int64_t n, int6
   c_t.addmm_(b_t, a_t, beta, alpha);
 }
 
-// dst[i] = src[i] * scale for one row of an output tensor (o, dk, dv). A task writes its head's
+// dst[i] = src[i] * scale (0 where src == nullptr) for one row of an output tensor (o, dq, dk, dv). A task writes its head's
 // D-element piece of each (T, H, D) row, which nothing reads again during the call: with ordinary
 // stores every line is first read from memory (read-for-ownership), one demand miss per line, as
 // the strided pieces defeat the prefetchers. With AVX-512, fp32 and aligned whole vectors, the
@@ -567,7 +571,7 @@ void write_output_row(T* dst, const T* src, int64_t n, T scale) {
     }
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+  for (int64_t i = 0; i < n; ++i) dst[i] = src == nullptr ? T(0) : src[i] * scale;
 }
 inline void finish_output_rows() {
 #if TF_AVX512_PATH
@@ -1017,7 +1021,27 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     max_keys = std::max(max_keys, std::min(bounds[c + 1] * g.bn, g.tk) - bounds[c] * g.bn);
   }
   const int64_t ld_t = transposed_stride(max_keys);
-  run_tasks<T>(heaviest_first(work), 2 * max_rows * g.bn + 2 * g.bn * g.d + 2 * g.d * ld_t, [&](T* scratch) {
+  // The query rows each chunk's key tiles visit: a task accumulates dQ of its group's heads over
+  // them in its own contiguous (group, rows, D) buffer, whose rows the prefetchers follow (in place,
+  // the D-wide pieces of dq's (T, H, D) rows missed once per line), and writes its slice of
+  // dq_parts out at the end, zeros outside the rows.
+  std::vector<int64_t> rows_lo(num_chunks, 0), rows_hi(num_chunks, 0);
+  int64_t max_visited = 0;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    int64_t lo = g.tq, hi = 0;
+    for (int64_t n = bounds[c]; n < bounds[c + 1]; ++n) {
+      if (q_lo[n] >= q_hi[n]) continue;
+      lo = std::min<int64_t>(lo, q_lo[n] * g.bm);
+      hi = std::max<int64_t>(hi, std::min<int64_t>(q_hi[n] * g.bm, g.tq));
+    }
+    if (lo < hi) {
+      rows_lo[c] = lo;
+      rows_hi[c] = hi;
+      max_visited = std::max(max_visited, hi - lo);
+    }
+  }
+  const int64_t scratch_count = 2 * max_rows * g.bn + 2 * g.bn * g.d + 2 * g.d * ld_t + g.group * max_visited * g.d;
+  run_tasks<T>(heaviest_first(work), scratch_count, [&](T* scratch) {
     return [=, &g, &bounds](int64_t t) {
       const int64_t hk = t / num_chunks, c = t % num_chunks;
       T* P = scratch;
@@ -1026,7 +1050,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       T* dV = dK + g.bn * g.d;
       T* kt_t = dV + g.bn * g.d;
       T* vt_t = kt_t + g.d * ld_t;
-      T* dq = dqp + c * dq_part_size;
+      T* dq_rows = vt_t + g.d * ld_t;   // (group, max_visited, D)
+      const int64_t row0 = rows_lo[c], visited = rows_hi[c] - rows_lo[c];
+      for (int64_t i = 0; i < g.group; ++i) std::fill_n(dq_rows + i * max_visited * g.d, visited * g.d, T(0));
       const int64_t k0 = bounds[c] * g.bn, k1 = std::min(bounds[c + 1] * g.bn, g.tk);
       transpose_keys(kp + k0 * sk0 + hk * sk1, sk0, k1 - k0, g.d, kt_t, ld_t);
       transpose_keys(vp + k0 * sv0 + hk * sv1, sv0, k1 - k0, g.d, vt_t, ld_t);
@@ -1051,7 +1077,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             gemm(kN, kT, g.d, w, rows, T(1), dot, sdo0, P, g.bn, T(1), dVj, g.d);           // dV += P^T dO
             gemm(kN, kT, g.d, w, rows, scale, qt, sq0, dS, g.bn, T(1), dKj, g.d);           // dK += dS^T Q
             gemm(kN, kN, g.d, rows, w, scale, kj, sk0, dS, g.bn, T(1),
-                 dq + r0 * sdq0 + h * g.d, sdq0);                                          // dQ += dS K
+                 dq_rows + ((h - hk * g.group) * max_visited + r0 - row0) * g.d, g.d);     // dQ += dS K
           }
         };
         // The table's query range and its full (mask-free) tiles; rows outside are never read.
@@ -1068,6 +1094,14 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         for (int64_t j = 0; j < cols; ++j) {
           write_output_row(dkp + ((c0 + j) * g.hkv + hk) * g.d, dK + j * g.d, g.d, T(1));
           write_output_row(dvp + ((c0 + j) * g.hkv + hk) * g.d, dV + j * g.d, g.d, T(1));
+        }
+      }
+      T* dq = dqp + c * dq_part_size;
+      for (int64_t r = 0; r < g.tq; ++r) {
+        const bool was_visited = row0 <= r && r < row0 + visited;
+        for (int64_t i = 0; i < g.group; ++i) {
+          write_output_row(dq + r * sdq0 + (hk * g.group + i) * g.d,
+                           was_visited ? dq_rows + (i * max_visited + r - row0) * g.d : nullptr, g.d, T(1));
         }
       }
       finish_output_rows();
@@ -1146,7 +1180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
   int64_t num_chunks = 1;
   if (g.hkv % threads != 0) num_chunks = std::min<int64_t>(num_n, (2 * threads + g.hkv - 1) / g.hkv);
   num_chunks = std::max<int64_t>(num_chunks, 1);
-  at::Tensor dq_parts = at::zeros({num_chunks, g.tq, g.hq, g.d}, q.options());
+  at::Tensor dq_parts = at::empty({num_chunks, g.tq, g.hq, g.d}, q.options());  // every element written
   at::Tensor dk = at::empty({g.tk, g.hkv, g.d}, q.options());
   at::Tensor dv = at::empty({g.tk, g.hkv, g.d}, q.options());
   AT_DISPATCH_FLOATING_TYPES(compute, "attention_cpu_bwd", [&] {
