@@ -90,21 +90,21 @@ TF_INLINE T max_of(T a, T b) { return a > b ? a : b; }
 TF_INLINE int64_t clamp_to(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // exp(x) for x <= ~0 (softmax arguments): 2^n * 2^f with n = round(x*log2(e)), |f| <= 1/2 and a
-// degree-7 Taylor polynomial of 2^f (relative error < 1e-8, below fp32 rounding). Written without
-// branches so that the loops calling it vectorize; exp(-inf) and underflow give exactly 0.
+// degree-5 polynomial of 2^f fitted for minimal relative error (< 2.4e-7 evaluated in fp32, about 2
+// ulp; torch's own CPU flash attention takes an exp of up to 20 ulp). Degree 7 (< 1e-7) cost ~0.5
+// ms more of ~20 per forward+backward on packed documents (T = 2,048, 8 heads, D 64, 2 threads).
+// Written without branches so that the loops calling it vectorize; exp(-inf) and underflow give 0.
 TF_INLINE float exp_approx(float x) {
   const float t = max_of(x * 1.44269504088896341f, -126.0f);
   // Adding 1.5 * 2^23 rounds to the nearest integer in the default rounding mode (|t| < 2^22).
   const float n = (t + 12582912.0f) - 12582912.0f;
   const float f = t - n;
-  float p = 1.525273380405984e-05f;
-  p = p * f + 1.5403530393381606e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.618129107628477e-03f;
-  p = p * f + 5.550410866482158e-02f;
-  p = p * f + 2.402265069591007e-01f;
-  p = p * f + 6.931471805599453e-01f;
-  p = p * f + 1.0f;
+  float p = 1.327647152e-03f;
+  p = p * f + 9.675541331e-03f;
+  p = p * f + 5.550713275e-02f;
+  p = p * f + 2.402211972e-01f;
+  p = p * f + 6.931469671e-01f;
+  p = p * f + 1.000000072e+00f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   __builtin_memcpy(&two_n, &bits, sizeof(two_n));
@@ -216,19 +216,18 @@ TF_MULTIVERSION void probs_dscores_tile_f32(float* S, float* dP, int64_t ld, int
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-// exp_approx on 16 lanes: same range reduction, polynomial (FMA) and underflow rule.
+// exp_approx on 16 lanes: same range reduction, polynomial (FMA) and underflow rule; scalef takes
+// any n, so no clamp, and a NaN argument stays NaN.
 TF_AVX512 TF_INLINE __m512 exp_approx16(__m512 x) {
-  const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-126.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(1.327647152e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541331e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713275e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402211972e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469671e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000072e+00f));
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
