@@ -504,7 +504,6 @@ TF_AVX512 void stream_scaled_row_avx512(float* dst, const float* src, int64_t n,
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_mul_ps(_mm512_loadu_ps(src + i), s));
 }
-TF_AVX512 void stream_fence_avx512() { _mm_sfence(); }
 
 const bool kCpuHasAvx512 = __builtin_cpu_supports("avx512f");
 #pragma GCC diagnostic pop
@@ -576,7 +575,7 @@ void write_output_row(T* dst, const T* src, int64_t n, T scale) {
 }
 inline void finish_output_rows() {
 #if TF_AVX512_PATH
-  if (use_avx512()) stream_fence_avx512();
+  if (use_avx512()) _mm_sfence();  // SSE: no AVX-512 target needed
 #endif
 }
 
