@@ -23,77 +23,15 @@ import torch
 from .. import _ext
 from .. import backend as _backend
 from ..schedules import Schedule
+from .validation import (check_like, check_prediction, check_rows, check_schedule, check_seed, check_timesteps,
+                         resolve_seed)
 
 __all__ = ["add_noise", "add_noise_reference", "check_add_noise_inputs", "diffusion_target",
-           "predicted_x0", "predicted_eps", "philox4x32_10_reference", "philox_normal_reference",
-           "PREDICTIONS", "MAX_SEED", "check_prediction", "check_timesteps", "resolve_seed"]
-
-#: Prediction types of the model output.
-PREDICTIONS = ("eps", "x0", "v")
-#: Seeds are ints in [0, MAX_SEED): a 64-bit Philox key, kept non-negative for the int64 op schema.
-MAX_SEED = 2 ** 63
+           "predicted_x0", "predicted_eps", "philox4x32_10_reference", "philox_normal_reference"]
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def check_prediction(prediction) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-
-
-def check_timesteps(name: str, timesteps, rows: int, device, schedule: Schedule, allow_final: bool = False) -> None:
-    """``timesteps``: an int32/int64 tensor of shape ``(rows,)`` on ``device`` with values in
-    ``[0, T)`` (or ``[-1, T)`` with ``allow_final``: -1 is the final step to x0)."""
-    if not isinstance(timesteps, torch.Tensor) or timesteps.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be an int32/int64 tensor, got {_describe(timesteps)}")
-    if timesteps.shape != (rows,):
-        raise ValueError(f"{name} must have one entry per row, shape ({rows},), got {tuple(timesteps.shape)}")
-    if timesteps.device != torch.device(device):
-        raise ValueError(f"{name} is on {timesteps.device} but the data is on {device}")
-    low = -1 if allow_final else 0
-    if timesteps.numel():
-        lo, hi = int(timesteps.min()), int(timesteps.max())
-        if lo < low or hi >= schedule.num_steps:
-            raise ValueError(f"{name} must lie in [{low}, {schedule.num_steps}), got values from {lo} to {hi}")
-
-
-def check_schedule(schedule) -> None:
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a transfusion_fast.schedules.Schedule, got {type(schedule).__name__}")
-
-
-def check_like(name: str, tensor, like: torch.Tensor, like_name: str) -> None:
-    """``tensor`` must match ``like`` in shape, dtype and device."""
-    if (not isinstance(tensor, torch.Tensor) or tensor.shape != like.shape or tensor.dtype != like.dtype
-            or tensor.device != like.device):
-        raise ValueError(f"{name} must match {like_name} ({like.dtype}, shape {tuple(like.shape)}, on "
-                         f"{like.device}), got {_describe(tensor)}")
-
-
-def check_rows(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise ValueError(f"{name} must be a floating-point tensor with a leading row dimension, got {_describe(x)}")
-
-
-def check_seed(seed) -> None:
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-
-
-def resolve_seed(seed: int | None) -> int:
-    """``seed``, or a fresh one drawn from torch's default generator (so ``torch.manual_seed`` makes
-    runs reproducible)."""
-    if seed is not None:
-        return seed
-    return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64))
 
 
 def check_add_noise_inputs(x0: torch.Tensor, timesteps: torch.Tensor, schedule: Schedule,

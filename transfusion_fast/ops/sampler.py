@@ -28,13 +28,15 @@ import torch
 from .. import _ext
 from .. import backend as _backend
 from ..schedules import Schedule
-from .noise import (check_like, check_prediction, check_rows, check_schedule, check_seed, check_timesteps,
-                    philox_normal_reference, predicted_eps, predicted_x0, resolve_seed)
+from .noise import philox_normal_reference, predicted_eps, predicted_x0
+from .validation import (PREDICTIONS, check_like, check_prediction, check_rows, check_schedule, check_seed,
+                         check_timesteps, resolve_seed)
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_step_reference", "ddim_step_reference", "inference_timesteps",
            "check_step_inputs"]
 
-_PREDICTION_CODES = {"eps": 0, "x0": 1, "v": 2}  # csrc/philox.h: enum Prediction
+# csrc/philox.h: enum Prediction numbers the prediction types in the order of PREDICTIONS.
+_PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTIONS)}
 
 
 def inference_timesteps(num_train_steps: int = 1000, num_inference_steps: int = 250) -> torch.Tensor:
