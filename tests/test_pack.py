@@ -4,7 +4,7 @@ import torch
 
 import transfusion_fast as tf
 from transfusion_fast import ModalityConfig, ModelConfig, pack
-from transfusion_fast.model import IGNORE_INDEX
+from transfusion_fast.config import IGNORE_INDEX
 
 IMAGE = ModalityConfig("image", "image", channels=1, patch_size=2, max_size=8)
 SERIES = ModalityConfig("series", "sequence", channels=3, patch_size=4, max_size=16, boi_id=250, eoi_id=251)

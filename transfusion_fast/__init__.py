@@ -8,7 +8,8 @@ from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .layout import Layout, TileTable
 from .schedules import Schedule, get_schedule
-from .model import ModalityConfig, Model, ModelConfig
+from .config import ModalityConfig, ModelConfig
+from .model import Model
 from .pack import Batch, SpanData, pack
 from .generate import generate
 from .checkpoint import load_checkpoint, load_config, save_checkpoint

@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .model import Model, ModelConfig
+from .config import ModelConfig
+from .model import Model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_config", "optimizer_path", "CHECKPOINT_FORMAT"]
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .layout import Layout
 from .model import Model
-from .pack import _check_span, from_patches, prepare_sample, span_positions
+from .pack import check_span, from_patches, prepare_sample, span_positions
 
 __all__ = ["generate", "KVCache", "sample_tokens"]
 
@@ -187,7 +187,7 @@ def _span_shape_for(config, m, span_shape, default_modality):
     shape = m.default_shape if shape is None else tuple(int(s) for s in shape)
     if m.kind == "image" and len(shape) == 2:
         shape = (m.channels, *shape)
-    _check_span(m, torch.zeros(shape), f"span_shape for modality {m.name!r}")
+    check_span(m, torch.zeros(shape), f"span_shape for modality {m.name!r}")
     return shape
 
 

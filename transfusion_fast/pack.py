@@ -14,10 +14,10 @@ import torch
 
 from . import ops
 from .layout import Layout
-from .model import IGNORE_INDEX, ModalityConfig, ModelConfig
+from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
 from .schedules import get_schedule
 
-__all__ = ["Batch", "SpanData", "pack", "prepare_sample", "to_patches", "from_patches",
+__all__ = ["Batch", "SpanData", "pack", "prepare_sample", "check_span", "to_patches", "from_patches",
            "span_positions", "PreparedSample"]
 
 
@@ -139,7 +139,9 @@ def _resolve_modality(config: ModelConfig, item, where: str):
     return candidates[0], item
 
 
-def _check_span(m: ModalityConfig, item: torch.Tensor, where: str) -> None:
+def check_span(m: ModalityConfig, item: torch.Tensor, where: str) -> None:
+    """Raise ``ValueError`` unless ``item`` is a finite float image / series that modality ``m``
+    accepts (channels, patch multiples, ``max_size``); ``where`` names it in the message."""
     if not item.is_floating_point():
         raise ValueError(f"{where}: a {m.kind} item for modality {m.name!r} must be floating point, "
                          f"got {item.dtype}")
@@ -211,7 +213,7 @@ def prepare_sample(items, config: ModelConfig, *, add_bos: bool = True, add_eos:
         m, tensor = _resolve_modality(config, item, at)
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{at}: the span must be a torch.Tensor, got {type(tensor).__name__}")
-        _check_span(m, tensor, at)
+        check_span(m, tensor, at)
         patches = to_patches(m, tensor.detach().cpu())
         n = patches.shape[0]
         pieces.append(torch.tensor([config.boi_of(m)]))
