@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transfusion_fast.aot import KernelSpec
+from transfusion_fast.aot import TRITON_DTYPES, KernelSpec, kernel_signature
 
 __all__ = ["rms_norm", "aot_specs", "MAX_HIDDEN"]
 
@@ -214,34 +214,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return y.view(shape), h.view(shape)
 
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
 #: One hidden size per num_warps bucket of _block_config, the widest of each (most registers).
 AOT_HIDDEN_SIZES = (1024, 4096, MAX_HIDDEN)
+#: the parameters that are not tensors of the input dtype or int32 sizes and strides
+_AOT_TYPES = {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "eps": "fp32"}
 
 
 def aot_specs() -> list[KernelSpec]:
     """Every shipped config (forward with/without residual, backward with/without ``dh``) per dtype."""
-    module = "transfusion_fast.kernels.rms_norm"
     specs = []
-    for dtype, ty in _TRITON_DTYPE.items():
+    for ty in TRITON_DTYPES.values():
         for hidden in AOT_HIDDEN_SIZES:
             block, warps = _block_config(hidden)
             for residual in (False, True):
-                specs.append(KernelSpec(
-                    module, "_rms_norm_fwd_kernel",
-                    {"X": f"*{ty}", "RES": f"*{ty}", "W": f"*{ty}", "Y": f"*{ty}", "H": f"*{ty}",
-                     "RSTD": "*fp32", "stride_x": "i32", "stride_res": "i32", "stride_y": "i32",
-                     "stride_h": "i32", "n_cols": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
-                     "BLOCK_N": "constexpr"},
-                    {"HAS_RESIDUAL": residual, "BLOCK_N": block}, num_warps=warps, num_stages=1,
-                    label=f"rms_norm_fwd {ty} N={hidden}{' +residual' if residual else ''}"))
-                specs.append(KernelSpec(
-                    module, "_rms_norm_bwd_kernel",
-                    {"DY": f"*{ty}", "DH_OUT": f"*{ty}", "H": f"*{ty}", "W": f"*{ty}", "RSTD": "*fp32",
-                     "DX": f"*{ty}", "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_dh_out": "i32",
-                     "stride_h": "i32", "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
-                     "rows_per_program": "i32", "HAS_DH_OUT": "constexpr", "BLOCK_N": "constexpr"},
-                    {"HAS_DH_OUT": residual, "BLOCK_N": block}, num_warps=warps, num_stages=1,
-                    label=f"rms_norm_bwd {ty} N={hidden}{' +residual' if residual else ''}"))
+                suffix = f"{ty} N={hidden}{' +residual' if residual else ''}"
+                for kernel, constexprs, label in (
+                        (_rms_norm_fwd_kernel, {"HAS_RESIDUAL": residual, "BLOCK_N": block}, "rms_norm_fwd"),
+                        (_rms_norm_bwd_kernel, {"HAS_DH_OUT": residual, "BLOCK_N": block}, "rms_norm_bwd")):
+                    specs.append(KernelSpec(
+                        kernel.fn.__module__, kernel.fn.__name__,
+                        kernel_signature(kernel, constexprs, ty, _AOT_TYPES), constexprs,
+                        num_warps=warps, num_stages=1, label=f"{label} {suffix}"))
     return specs

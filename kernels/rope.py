@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transfusion_fast.aot import KernelSpec
+from transfusion_fast.aot import TRITON_DTYPES, KernelSpec, kernel_signature
 
 __all__ = ["apply_rope", "apply_rope_", "aot_specs", "block_config"]
 
@@ -179,32 +179,26 @@ def apply_rope_(q, k, positions, inv_freq, *, axial=None, interleaved=False):
     return q, k
 
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
 #: Head dims of the shipped configs (the models of this package use 64 and 128).
 AOT_HEAD_DIMS = (64, 128)
+#: the parameters that are not tensors of the input dtype or int32 sizes and strides
+_AOT_TYPES = {"POSITIONS": "*i64", "AXIAL": "*u8", "INV_FREQ": "*fp32", "sin_sign": "fp32"}
 
 
 def _spec(ty: str, head_dim: int, axial: bool, interleaved: bool) -> KernelSpec:
     block_p, block_h = block_config(head_dim, PAIRS_PER_STEP)   # the widest head block of head_dim
-    signature = {"Q": f"*{ty}", "K": f"*{ty}", "Q_OUT": f"*{ty}", "K_OUT": f"*{ty}", "POSITIONS": "*i64",
-                 "AXIAL": "*u8", "INV_FREQ": "*fp32"}
-    for tensor in ("q", "k", "qo", "ko"):
-        signature.update({f"stride_{tensor}{axis}": "i32" for axis in "thd"})
-    signature.update({"stride_pos_t": "i32", "stride_pos_axis": "i32", "n_q_heads": "i32", "n_k_heads": "i32",
-                      "sin_sign": "fp32", "HALF": "constexpr", "BLOCK_P": "constexpr", "BLOCK_H": "constexpr",
-                      "IS_AXIAL": "constexpr", "INTERLEAVED": "constexpr"})
     constexprs = {"HALF": head_dim // 2, "BLOCK_P": block_p, "BLOCK_H": block_h, "IS_AXIAL": axial,
                   "INTERLEAVED": interleaved}
     label = f"rope_fwd+bwd {ty} D={head_dim}{' axial' if axial else ''}{' interleaved' if interleaved else ''}"
-    return KernelSpec("transfusion_fast.kernels.rope", "_rope_kernel", signature, constexprs,
+    return KernelSpec(_rope_kernel.fn.__module__, _rope_kernel.fn.__name__,
+                      kernel_signature(_rope_kernel, constexprs, ty, _AOT_TYPES), constexprs,
                       num_warps=NUM_WARPS, num_stages=1, label=label)
 
 
 def aot_specs() -> list[KernelSpec]:
     """Every shipped config (one binary serves forward and backward): per dtype and head_dim, plus the
     axial and interleaved variants (the constexprs that change the generated code) at head_dim 128."""
-    specs = [_spec(ty, d, False, False) for ty in _TRITON_DTYPE.values() for d in AOT_HEAD_DIMS]
-    specs += [_spec(ty, 128, axial, interleaved) for ty in _TRITON_DTYPE.values()
+    specs = [_spec(ty, d, False, False) for ty in TRITON_DTYPES.values() for d in AOT_HEAD_DIMS]
+    specs += [_spec(ty, 128, axial, interleaved) for ty in TRITON_DTYPES.values()
               for axial, interleaved in ((True, False), (False, True), (True, True))]
     return specs

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transfusion_fast.aot import KernelSpec
+from transfusion_fast.aot import TRITON_DTYPES, KernelSpec, kernel_signature
 
 __all__ = ["swiglu", "swiglu_fused", "aot_specs", "BLOCK_SIZE", "NUM_WARPS"]
 
@@ -172,23 +172,10 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.transfusion_fast.swiglu_fused(gate_up)
 
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def aot_specs() -> list[KernelSpec]:
     """Every shipped config: forward and backward per dtype (one block size for all widths)."""
-    module = "transfusion_fast.kernels.swiglu"
-    specs = []
-    for ty in _TRITON_DTYPE.values():
-        specs.append(KernelSpec(
-            module, "_swiglu_fwd_kernel",
-            {"GATE": f"*{ty}", "UP": f"*{ty}", "OUT": f"*{ty}", "stride_gate": "i32", "stride_up": "i32",
-             "stride_out": "i32", "n_cols": "i32", "BLOCK": "constexpr"},
-            {"BLOCK": BLOCK_SIZE}, num_warps=NUM_WARPS, num_stages=1, label=f"swiglu_fwd {ty}"))
-        specs.append(KernelSpec(
-            module, "_swiglu_bwd_kernel",
-            {"DOUT": f"*{ty}", "GATE": f"*{ty}", "UP": f"*{ty}", "DGATE": f"*{ty}", "DUP": f"*{ty}",
-             "stride_dout": "i32", "stride_gate": "i32", "stride_up": "i32", "stride_dgate": "i32",
-             "stride_dup": "i32", "n_cols": "i32", "BLOCK": "constexpr"},
-            {"BLOCK": BLOCK_SIZE}, num_warps=NUM_WARPS, num_stages=1, label=f"swiglu_bwd {ty}"))
-    return specs
+    constexprs = {"BLOCK": BLOCK_SIZE}
+    return [KernelSpec(kernel.fn.__module__, kernel.fn.__name__, kernel_signature(kernel, constexprs, ty),
+                       constexprs, num_warps=NUM_WARPS, num_stages=1, label=f"{label} {ty}")
+            for ty in TRITON_DTYPES.values()
+            for kernel, label in ((_swiglu_fwd_kernel, "swiglu_fwd"), (_swiglu_bwd_kernel, "swiglu_bwd"))]

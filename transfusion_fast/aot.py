@@ -7,6 +7,9 @@ one :class:`KernelReport` per (spec, arch): registers, spill bytes, shared memor
 tensor-core instructions (``mma.sync`` / ``wgmma``) appear. Used by the kernel tests and by the
 static kernel report of the benchmark suite.
 
+Each kernel file's ``aot_specs()`` lists its shipped configs; :func:`kernel_signature` derives a
+kernel's Triton signature from its parameter names, so no signature is written by hand.
+
 Command line: ``python -m transfusion_fast.aot < specs.json`` prints the reports as JSON.
 """
 from __future__ import annotations
@@ -19,9 +22,32 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["KernelSpec", "KernelReport", "compile_report", "ARCHS"]
+import torch
+
+__all__ = ["KernelSpec", "KernelReport", "compile_report", "kernel_signature", "ARCHS", "TRITON_DTYPES"]
 
 ARCHS = (80, 90)
+#: torch dtype -> its name in a Triton signature
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def kernel_signature(kernel, constexprs: dict, data: str, types: dict | None = None) -> dict:
+    """The Triton signature of the ``@triton.jit`` function ``kernel``, in parameter order, from the
+    naming convention of this package's kernels: ``"constexpr"`` for a name in ``constexprs``; a
+    pointer to the data type ``data`` (``"fp16"``, ``"bf16"``, ``"fp32"``) for an UPPER-CASE name
+    (a tensor); ``"i32"`` for a lower-case one (strides, sizes). ``types`` gives the exceptions by
+    name (fp32 statistics, int32 tables, float scalars); names it holds that ``kernel`` lacks are
+    ignored, so one dict can serve the kernels of a family."""
+    types = types or {}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        else:
+            signature[name] = f"*{data}" if name.isupper() else "i32"
+    return signature
 
 
 @dataclass
