@@ -1,13 +1,15 @@
 """Static kernel report: every shipped Triton kernel config compiled ahead of time for sm_80 and
 sm_90a (no GPU needed): registers, spills, shared memory, tensor-core instructions.
 
-The configs come from ``aot_specs()`` of each kernel file (``transfusion_fast.kernels.<name>``);
+The configs come from ``aot_specs()`` of each op family (``transfusion_fast.kernels.<name>``;
+attention's in ``attention_diagnostics``);
 ``transfusion_fast.aot.compile_report`` compiles them in a subprocess and runs ptxas. A spec list
 that takes an ``arch`` argument is compiled for that arch only (its tile sizes are per generation).
 
 Compiling several hundred configs takes many minutes on a small CPU machine, so full runs keep the
 figures in ``bench/results/aot_cache.json`` keyed by the spec, the arch, the Triton version and a
-hash of the kernel file's source (a config is recompiled whenever any of those changes), compile in
+hash of the sources of the listing module and of the kernels' modules (a config is recompiled
+whenever any of those changes), compile in
 chunks (saving after each) within a time budget, and report how many figures were compiled in this
 run, how many were reused, and how many are still pending (the next run continues). The smoke run
 compiles one config per kernel file for sm_80, always fresh.
@@ -26,7 +28,9 @@ import benchlib
 from benchlib import CONFIG, RECORD
 
 SUITE = "static kernels"
-KERNEL_FILES = ("attention", "rope", "swiglu", "rms_norm")
+#: op family -> the module (under transfusion_fast.kernels) whose aot_specs() lists its configs
+KERNEL_FILES = {"attention": "attention_diagnostics", "rope": "rope", "swiglu": "swiglu",
+                "rms_norm": "rms_norm"}
 CACHE = Path(__file__).resolve().parent / "results" / "aot_cache.json"
 #: seconds of compiling per full run (the rest is pending for the next run); chunk = one subprocess
 BUDGET_S = 150
@@ -40,9 +44,11 @@ def _specs(module, archs) -> list[tuple]:
     return [(spec, arch) for spec in module.aot_specs() for arch in archs]
 
 
-def _source_hash(module_name: str) -> str:
-    origin = importlib.util.find_spec(module_name).origin
-    return hashlib.sha256(Path(origin).read_bytes()).hexdigest()
+def _source_hash(module_names) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(set(module_names)):
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return digest.hexdigest()
 
 
 def _key(spec, arch: int, triton_version: str, source: str) -> str:
@@ -64,15 +70,15 @@ def test_static_kernel_report():
     from transfusion_fast.aot import ARCHS, compile_report
 
     pairs, sources = [], {}
-    for name in KERNEL_FILES:
-        module_name = f"transfusion_fast.kernels.{name}"
+    for name, listing in KERNEL_FILES.items():
+        module_name = f"transfusion_fast.kernels.{listing}"
         module, error = benchlib.try_import(module_name)
         if module is None or not hasattr(module, "aot_specs"):
             RECORD.mark_unavailable(SUITE, name, "aot_specs", error or f"{module_name} has no aot_specs()")
             continue
         found = _specs(module, ARCHS if CONFIG.full else (80,))
         pairs += [(name, spec, arch) for spec, arch in (found if CONFIG.full else found[:1])]
-        sources[name] = _source_hash(module_name)
+        sources[name] = _source_hash([module_name, *(spec.module for spec, _ in found)])
 
     cache = _load_cache() if CONFIG.full else {}
     keys = [_key(spec, arch, triton.__version__, sources[name]) for name, spec, arch in pairs]

@@ -94,7 +94,7 @@ def _problem(head_dim: int, copies: int):
     config for this GPU."""
     layout = transfusion_example(7, 256, 32, num_sequences=copies, device="cuda")
     heads, q, k, v, do = bench_inputs(layout, head_dim)
-    shipped = attn.tile_config(head_dim, torch.bfloat16, attn._gpu_arch(q.device))
+    shipped = attn.tile_config(head_dim, torch.bfloat16, attn.gpu_arch(q.device))
     return layout, heads, q, k, v, do, shipped
 
 
@@ -104,15 +104,12 @@ def combined(head_dim: int, copies: int) -> list[dict]:
     rows = []
     for values in [tuple(shipped.as_list())] + [c for c in COMBINED.get(head_dim, []) if c != tuple(shipped.as_list())]:
         config = attn.TileConfig.from_list(values)
-        attn._forced_config = config
-        try:
+        with attn.forced_tile_config(config):
             row = {"head_dim": head_dim, "config": values, "shipped": config == shipped,
                    "fwd_ms": triton.testing.do_bench(forward, warmup=25, rep=150, return_mode="median"),
                    "fwd_bwd_ms": triton.testing.do_bench(forward_backward, warmup=25, rep=150,
                                                          return_mode="median"),
                    "fwd_wall_ms": wall_ms(forward), "fwd_bwd_wall_ms": wall_ms(forward_backward)}
-        finally:
-            attn._forced_config = None
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -138,13 +135,13 @@ def sweep(head_dim: int, copies: int) -> list[dict]:
     rows = []
 
     def run(config: attn.TileConfig):
-        fwd, dkdv, dq = attn._tables(layout, config)
-        forward = lambda: attn._launch_forward(  # noqa: E731
-            q, k, v, layout.kv_start, layout.kv_end, *attn._row_walk(fwd), scale, config)
+        fwd, dkdv, dq = attn.tile_tables(layout, config)
+        forward = lambda: attn.launch_forward(  # noqa: E731
+            q, k, v, layout.kv_start, layout.kv_end, *attn.row_walk(fwd), scale, config)
         o, lse = forward()
-        backward = lambda: attn._launch_backward(  # noqa: E731
-            do, None, q, k, v, o, lse, layout.kv_start, layout.kv_end, *attn._column_walk(dkdv),
-            *attn._row_walk(dq), scale, config)
+        backward = lambda: attn.launch_backward(  # noqa: E731
+            do, None, q, k, v, o, lse, layout.kv_start, layout.kv_end, *attn.column_walk(dkdv),
+            *attn.row_walk(dq), scale, config)
         return forward, backward, (o, *backward())
 
     _, _, expected = run(shipped)

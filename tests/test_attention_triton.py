@@ -15,9 +15,10 @@ from strategies import layouts
 
 import transfusion_fast
 import transfusion_fast.kernels.attention as kernels_attention
+import transfusion_fast.kernels.launch as kernels_launch
 from transfusion_fast import Layout
-from transfusion_fast.kernels.attention import (count_computed_tiles, forced_tile_sizes,
-                                                tile_config, triton_attention)
+from transfusion_fast.kernels.attention import forced_tile_sizes, tile_config, triton_attention
+from transfusion_fast.kernels.attention_diagnostics import count_computed_tiles
 from transfusion_fast.ops import attention, attention_reference
 from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS
 from transfusion_fast.testing import TOLERANCES, transfusion_example
@@ -216,7 +217,7 @@ def test_front_dispatches_to_triton_and_compiles_without_graph_break(triton_devi
         return wrapper
 
     for name in launches:
-        attribute = f"_launch_{name}"
+        attribute = f"launch_{name}"
         monkeypatch.setattr(kernels_attention, attribute,
                             counted(name, getattr(kernels_attention, attribute)))
     layout = SPECIAL["single_token_documents"].to(triton_device)
@@ -271,7 +272,7 @@ def test_rejects_bad_forced_tiles_and_unknown_head_dim():
 
 # ------------------------------------------------------------------------- launches
 def test_specialization_key_is_at_least_as_fine_as_tritons():
-    spec = kernels_attention._specialization
+    spec = kernels_launch.specialization
     # ints: Triton specializes 1, multiples of 16 and the width
     assert len({spec(1), spec(2), spec(16)}) == 3
     assert spec(32) == spec(48) and spec(3) == spec(5) == spec(17)
@@ -302,8 +303,8 @@ def test_launcher_reuses_a_binary_only_for_the_same_specialization(monkeypatch):
                 return Binary()
             return run
 
-    monkeypatch.setattr(kernels_attention, "CompiledKernel", Binary)
-    launch = kernels_attention._Launcher(Kernel())
+    monkeypatch.setattr(kernels_launch, "CompiledKernel", Binary)
+    launch = kernels_launch.Launcher(Kernel())
     x = torch.zeros(64, dtype=torch.float16)
     launch((4,), x, 64, num_warps=4, num_stages=2, BLOCK=32)
     launch((8,), x, 64, num_warps=4, num_stages=2, BLOCK=32)

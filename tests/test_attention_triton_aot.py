@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from transfusion_fast.aot import compile_report
-from transfusion_fast.kernels.attention import aot_specs, tile_config
+from transfusion_fast.kernels.attention import tile_config
+from transfusion_fast.kernels.attention_diagnostics import aot_specs
 from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS
 
 # Max dynamic shared memory per block: A100 163 KB, H100 227 KB.

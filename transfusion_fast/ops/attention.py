@@ -11,11 +11,12 @@ import math
 import torch
 
 from .. import backend as _backend
+from ..kernels.attention import SUPPORTED_HEAD_DIMS, triton_attention
 from ..layout import Layout
+from ._cpu_attention import cpu_attention
 
 __all__ = ["attention", "attention_reference", "check_attention_inputs", "SUPPORTED_HEAD_DIMS"]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -197,10 +198,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
     scale = check_attention_inputs(q, k, v, layout, scale)
     impl = _backend.resolve(q, "attention")
     if impl == "triton":
-        from ..kernels.attention import triton_attention
         o, lse = triton_attention(q, k, v, layout, scale)
     elif impl == "cpu":
-        from ._cpu_attention import cpu_attention
         o, lse = cpu_attention(q, k, v, layout, scale)
     else:
         o, lse = _reference_attention_op(q, k, v, layout.kv_start, layout.kv_end, layout.cu_seqlens,
