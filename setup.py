@@ -58,7 +58,7 @@ setup(
     name="transfusion_fast",
     version="0.1.0",
     description="Fast, verified kernels and a thin model for Transfusion-style text + diffusion transformers",
-    packages=["transfusion_fast", "transfusion_fast.ops", "transfusion_fast.kernels"],
+    packages=["transfusion_fast", "transfusion_fast.ops", "transfusion_fast.kernels", "transfusion_fast.app"],
     package_dir={"transfusion_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "numpy", "ninja", "tqdm", "safetensors"],
@@ -66,6 +66,6 @@ setup(
                     "demo": ["scikit-learn"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["transfusion-fast=transfusion_fast.cli:main"]},
+    entry_points={"console_scripts": ["transfusion-fast=transfusion_fast.app.cli:main"]},
     zip_safe=False,
 )

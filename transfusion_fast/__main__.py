@@ -1,6 +1,6 @@
 """``python -m transfusion_fast train | sample | eval | demo``: the same CLI as ``transfusion-fast``."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

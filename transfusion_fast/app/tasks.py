@@ -1,6 +1,6 @@
-"""The main job: train a Transfusion model on real data, sample from it, and evaluate the samples.
+"""The tasks of the demo: what to train on, the model config that fits, how to sample and evaluate.
 
-Two tasks, both offline:
+Two kinds, both offline:
 
 * ``digits`` — text ↔ image. Each training batch packs caption → image samples
   (``BOS caption BOI patches EOI EOS``, captions varied) and image → caption samples
@@ -10,14 +10,13 @@ Two tasks, both offline:
   (``BOS BOI frames EOI EOS``), generated unconditionally (TransFusion, Sikder et al. 2023).
 
 A *task* object knows its data, the model config that fits it, how to draw a training batch,
-how to sample and how to evaluate; :func:`train` is the loop shared by all tasks (AdamW with
-warm-up and cosine decay, tqdm bar with loss and tokens/s, periodic checkpoints, resume).
-Everything needed to rebuild the task is stored in the checkpoint's ``extra`` metadata.
+how to sample and how to evaluate; :func:`transfusion_fast.app.trainer.train` is the loop shared by
+all tasks. Everything needed to rebuild a task is its :meth:`spec`, stored in the checkpoint's
+``extra`` metadata. Defaults come from :mod:`transfusion_fast.app.presets`.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -25,23 +24,26 @@ import time
 import numpy as np
 import torch
 
+from ..checkpoint import load_checkpoint
+from ..config import ModalityConfig, ModelConfig
+from ..model import Model
 from . import data as data_mod
 from . import metrics
-from .checkpoint import load_checkpoint, save_checkpoint
-from .model import ModalityConfig, Model, ModelConfig
-from .pack import pack
+from .presets import TASKS, preset
 from .tokenizer import BOI, BOS, EOI, EOS, PAD, VOCAB_SIZE, ByteTokenizer
 
-__all__ = ["DigitsTask", "SeriesTask", "make_task", "task_from_checkpoint", "train",
-           "CHECKPOINT_NAME", "TASKS"]
-
-CHECKPOINT_NAME = "checkpoint.safetensors"
-TASKS = ("digits", "sine", "csv")
+__all__ = ["DigitsTask", "SeriesTask", "make_task", "task_from_checkpoint"]
 
 
 def _base_config(**overrides) -> dict:
     return dict(vocab_size=VOCAB_SIZE, bos_id=BOS, eos_id=EOS, boi_id=BOI, eoi_id=EOI, pad_id=PAD,
                 **overrides)
+
+
+def _model_size(task: str, dim, depth, heads) -> tuple[int, int, int]:
+    defaults = preset(task)
+    return (defaults.dim if dim is None else dim, defaults.depth if depth is None else depth,
+            defaults.heads if heads is None else heads)
 
 
 # -------------------------------------------------------------------------------------- digits
@@ -50,7 +52,8 @@ class DigitsTask:
 
     name = "digits"
 
-    def __init__(self, image_size: int = 8, seed: int = 0, caption_fraction: float = 0.5):
+    def __init__(self, image_size: int | None = None, seed: int = 0, caption_fraction: float = 0.5):
+        image_size = preset(self.name).image_size if image_size is None else image_size
         if not 0.0 <= caption_fraction <= 1.0:
             raise ValueError(f"caption_fraction must lie in [0, 1], got {caption_fraction!r}")
         self.image_size, self.seed, self.caption_fraction = image_size, seed, caption_fraction
@@ -62,7 +65,10 @@ class DigitsTask:
         return {"task": self.name, "image_size": self.image_size, "seed": self.seed,
                 "caption_fraction": self.caption_fraction}
 
-    def model_config(self, dim: int = 128, depth: int = 4, heads: int = 4) -> ModelConfig:
+    def model_config(self, dim: int | None = None, depth: int | None = None,
+                     heads: int | None = None) -> ModelConfig:
+        """The model for this task; ``None`` takes the size from the task's preset."""
+        dim, depth, heads = _model_size(self.name, dim, depth, heads)
         patch = 2 if self.image_size == 8 else 4        # 16 patches either way
         return ModelConfig(**_base_config(
             dim=dim, depth=depth, n_heads=heads, max_seq_len=512, prediction="v",
@@ -120,12 +126,16 @@ class DigitsTask:
                                                   if o else []).strip() for o in outs)
         return captions
 
-    def sample(self, model: Model, out_dir: str, *, per_digit: int = 20, steps: int = 50,
-               cfg_scale: float = 3.0, seed: int = 0, progress: bool = True,
+    def sample(self, model: Model, out_dir: str, *, per_digit: int | None = None, steps: int | None = None,
+               cfg_scale: float | None = None, seed: int = 0, progress: bool = True,
                held_out: int | None = None) -> dict:
         """Generate ``per_digit`` images for every digit and a caption for every held-out image
         (the first ``held_out`` of them when given); write ``samples.png`` (one row per digit),
-        ``captions.txt`` and ``samples.pt``."""
+        ``captions.txt`` and ``samples.pt``. ``None`` takes the preset's value."""
+        defaults = preset(self.name)
+        per_digit = defaults.per_digit if per_digit is None else per_digit
+        steps = defaults.sample_steps if steps is None else steps
+        cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
         os.makedirs(out_dir, exist_ok=True)
         t0 = time.perf_counter()
         images, labels, captions = self.generate_images(model, per_digit, steps, cfg_scale, seed,
@@ -182,10 +192,12 @@ def _first_span(items: list, shape) -> torch.Tensor:
 class SeriesTask:
     """Unconditional time-series windows: the sine benchmark or sliding windows of a CSV file."""
 
-    def __init__(self, kind: str = "sine", length: int = 100, features: int = 5,
-                 num_samples: int = 2000, data_path: str | None = None, seed: int = 0):
+    def __init__(self, kind: str = "sine", length: int | None = None, features: int = 5,
+                 num_samples: int | None = None, data_path: str | None = None, seed: int = 0):
         if kind not in ("sine", "csv"):
             raise ValueError(f"kind must be 'sine' or 'csv', got {kind!r}")
+        length = preset(kind).length if length is None else length
+        num_samples = preset(kind).num_samples if num_samples is None else num_samples
         if kind == "csv" and not data_path:
             raise ValueError("--task csv needs --data FILE.csv")
         self.name, self.length, self.seed, self.data_path = kind, length, seed, data_path
@@ -210,7 +222,10 @@ class SeriesTask:
                 return p
         return 1
 
-    def model_config(self, dim: int = 128, depth: int = 4, heads: int = 4) -> ModelConfig:
+    def model_config(self, dim: int | None = None, depth: int | None = None,
+                     heads: int | None = None) -> ModelConfig:
+        """The model for this task; ``None`` takes the size from the task's preset."""
+        dim, depth, heads = _model_size(self.name, dim, depth, heads)
         return ModelConfig(**_base_config(
             dim=dim, depth=depth, n_heads=heads, cfg_drop_prob=0.0, conditioning="adaln_zero", prediction="v",
             max_seq_len=max(512, self.length + 8),
@@ -235,10 +250,12 @@ class SeriesTask:
         windows = data_mod.from_model_range(torch.stack(out).clamp(-1, 1)).numpy()
         return windows.astype(np.float32)
 
-    def sample(self, model: Model, out_dir: str, *, count: int | None = None, steps: int = 50,
+    def sample(self, model: Model, out_dir: str, *, count: int | None = None, steps: int | None = None,
                seed: int = 0, progress: bool = True, **_unused) -> dict:
         """Generate as many windows as the held-out set holds (or ``count``); write
-        ``samples.npy`` ([0, 1]) and, for CSV data, ``samples_original_units.npy``."""
+        ``samples.npy`` ([0, 1]) and, for CSV data, ``samples_original_units.npy``. ``steps``:
+        DDIM steps, default the preset's."""
+        steps = preset(self.name).sample_steps if steps is None else steps
         os.makedirs(out_dir, exist_ok=True)
         count = count or len(self.test_windows)
         t0 = time.perf_counter()
@@ -250,8 +267,10 @@ class SeriesTask:
             json.dump({"steps": steps, "seed": seed, "count": count, "sampler": "ddim"}, handle)
         return {"windows": count, "seconds": time.perf_counter() - t0}
 
-    def evaluate(self, out_dir: str, iterations: int = 300, hidden: int = 16) -> dict:
-        """LDS and LPS of ``samples.npy`` against the held-out windows, and ``pca.png``."""
+    def evaluate(self, out_dir: str, iterations: int | None = None, hidden: int = 16) -> dict:
+        """LDS and LPS of ``samples.npy`` against the held-out windows, and ``pca.png``;
+        ``iterations`` of the metric networks' training, default the preset's."""
+        iterations = preset(self.name).metric_iterations if iterations is None else iterations
         synthetic = np.load(os.path.join(out_dir, "samples.npy"))
         real = self.test_windows
         metrics.pca_png(os.path.join(out_dir, "pca.png"), real, synthetic)
@@ -286,84 +305,11 @@ def make_task(spec: dict):
 
 
 def task_from_checkpoint(path: str, device="cpu"):
-    """``(task, model, info)`` rebuilt from a checkpoint written by :func:`train`."""
+    """``(task, model, info)`` rebuilt from a checkpoint written by
+    :func:`transfusion_fast.app.trainer.train`."""
     model, info = load_checkpoint(path, map_location="cpu")
     spec = info["extra"].get("task")
     if not spec:
         raise ValueError(f"checkpoint {path!r} holds no task description (it was not written by "
                          f"transfusion-fast train)")
     return make_task(spec), model.to(device), info
-
-
-# ---------------------------------------------------------------------------------- training
-def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def train(task, out_dir: str, *, steps: int, batch_size: int = 64, lr: float = 1e-3,
-          warmup: int = 50, model_config: ModelConfig | None = None, device="cpu",
-          checkpoint_every: int = 200, resume: bool = False, progress: bool = True,
-          seed: int = 0) -> tuple:
-    """Train on ``task`` for ``steps`` optimizer steps in total; checkpoint to
-    ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` steps and at the end.
-
-    With ``resume`` the checkpoint in ``out_dir`` (weights, optimizer, step) is loaded and
-    training continues up to ``steps``. Returns ``(model, history)`` where history holds the
-    loss curve (every step) and the throughput.
-    """
-    from tqdm.auto import tqdm
-
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, CHECKPOINT_NAME)
-    torch.manual_seed(seed)
-    start = 0
-    if resume:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
-        model, _ = load_checkpoint(path, map_location="cpu")
-    else:
-        model = Model(model_config or task.model_config())
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    if resume:
-        _, info = load_checkpoint(path, model, optimizer, map_location=device)
-        start = int(info["step"] or 0)
-    extra = {"task": task.spec(), "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
-                                            "warmup": warmup, "seed": seed}}
-
-    history = {"loss": [], "lm_loss": [], "diffusion_loss": [], "tokens": 0, "seconds": 0.0}
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="train")
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = pack(task.training_samples(batch_size, step), model.config,
-                     seed=seed * 1_000_003 + step, device=device)
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, lr, warmup)
-        out = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        elapsed = time.perf_counter() - t0
-        history["tokens"] += batch.num_tokens
-        history["seconds"] += elapsed
-        for key in ("loss", "lm_loss", "diffusion_loss"):
-            history[key].append(float(out[key].detach()))
-        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", lm=f"{history['lm_loss'][-1]:.3f}",
-                        diff=f"{history['diffusion_loss'][-1]:.3f}",
-                        tok_s=f"{batch.num_tokens / elapsed:,.0f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save_checkpoint(path, model, optimizer, step=step + 1, extra=extra)
-            recent = history["loss"][-checkpoint_every:]
-            tqdm.write(f"step {step + 1}/{steps}: mean loss {sum(recent) / len(recent):.4f} over the "
-                       f"last {len(recent)} steps, {history['tokens'] / history['seconds']:,.0f} tokens/s, "
-                       f"checkpoint {path}")
-    bar.close()
-    history["tokens_per_second"] = history["tokens"] / history["seconds"] if history["seconds"] else 0.0
-    return model, history

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from transfusion_fast.app.cli import main
 from transfusion_fast.checkpoint import load_checkpoint
-from transfusion_fast.cli import main
 
 TINY = ["--dim", "64", "--depth", "1", "--heads", "4", "--batch-size", "6", "--threads", "1",
         "--backend", "reference", "--no-progress"]

@@ -87,6 +87,7 @@ def load_digits_data(image_size: int = 8, test_fraction: float = 0.2, seed: int 
         raise ValueError(f"image_size must be 8 or 16, got {image_size!r}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    # scikit-learn is the optional "demo" extra: imported where it is needed
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transfusion_fast import data, metrics
+from transfusion_fast.app import data, metrics
 
 
 @pytest.fixture(scope="module")

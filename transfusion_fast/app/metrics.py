@@ -23,6 +23,8 @@ import zlib
 import numpy as np
 import torch
 
+from .data import label_from_caption, load_digits_data
+
 __all__ = ["DigitClassifier", "digit_classifier", "conditional_accuracy", "captioning_accuracy",
            "frechet_distance",
            "discriminative_score", "predictive_score", "write_png", "digit_grid_png", "pca_png"]
@@ -46,6 +48,7 @@ class DigitClassifier:
     """An MLP (64 → hidden → 10, ReLU) fit on real digit images; labels and embeds images."""
 
     def __init__(self, hidden: int = 128, seed: int = 0):
+        # scikit-learn is the optional "demo" extra: imported where it is needed
         from sklearn.neural_network import MLPClassifier
 
         self.model = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=600,
@@ -71,8 +74,6 @@ class DigitClassifier:
 def digit_classifier(seed: int = 0) -> DigitClassifier:
     """The eval classifier, fit once per process on the training split (``seed``) of the 8×8
     digits: the same images whatever size the model generates, since 16×16 images are pooled."""
-    from .data import load_digits_data
-
     digits = load_digits_data(8, seed=seed)
     return DigitClassifier(seed=seed).fit(digits.train_images, digits.train_labels)
 
@@ -88,8 +89,6 @@ def conditional_accuracy(classifier: DigitClassifier, generated_images, requeste
 
 def captioning_accuracy(captions, true_labels) -> float:
     """Share of captions that name exactly the true digit (see ``data.label_from_caption``)."""
-    from .data import label_from_caption
-
     true_labels = list(np.asarray(true_labels).tolist())
     if len(captions) != len(true_labels):
         raise ValueError(f"captions ({len(captions)}) and true_labels ({len(true_labels)}) must have "

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transfusion_fast.tokenizer import BOI, BOS, EOI, EOS, PAD, VOCAB_SIZE, ByteTokenizer
+from transfusion_fast.app.tokenizer import BOI, BOS, EOI, EOS, PAD, VOCAB_SIZE, ByteTokenizer
 
 
 @given(st.text())

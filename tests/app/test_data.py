@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from transfusion_fast import data
+from transfusion_fast.app import data
 
 
 @pytest.fixture(scope="module")

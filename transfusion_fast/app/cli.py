@@ -7,16 +7,15 @@
 * ``eval``: the metrics of those samples → ``metrics.json`` (and ``pca.png`` for series).
 * ``demo``: train + sample + eval with the defaults of the task, then print the metrics.
 
-``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`.
+``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`. Every
+option left out takes the task's preset (:mod:`transfusion_fast.app.presets`, the registry that
+``make demo`` runs with too).
 
-The two main-job commands (figures in the README)::
+The main-job commands (figures in the README)::
 
     python -m transfusion_fast demo                                   # digits, text <-> image
     python -m transfusion_fast demo --task sine --length 100 --out runs/sine100
     python -m transfusion_fast demo --task csv --data prices.csv --length 24 --out runs/prices
-
-The digits demo samples with 50 DDIM steps (not the paper's 250) and guidance scale 3 (not 5):
-enough for 8×8 images, and it keeps the demo within minutes on a CPU.
 """
 from __future__ import annotations
 
@@ -28,23 +27,20 @@ import time
 
 import torch
 
-from .backend import BACKENDS, set_backend
+from ..backend import BACKENDS, set_backend
+from ..checkpoint import load_checkpoint
+from .presets import TASKS, preset
+from .tasks import DigitsTask, SeriesTask, make_task, task_from_checkpoint
+from .trainer import CHECKPOINT_NAME, train
 
-__all__ = ["main", "build_parser", "DEFAULTS"]
-
-# The defaults of each task: the budget the README's figures were measured with.
-DEFAULTS = {
-    "digits": {"steps": 3000, "batch_size": 32, "lr": 2e-3, "dim": 96, "depth": 3, "heads": 3,
-               "sample_steps": 50, "cfg_scale": 3.0},
-    "sine": {"steps": 2000, "batch_size": 32, "lr": 2e-3, "dim": 64, "depth": 2, "heads": 4,
-             "sample_steps": 50, "cfg_scale": 1.0},
-}
-DEFAULTS["csv"] = DEFAULTS["sine"]
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transfusion-fast", description="Train, sample and evaluate "
-                                     "Transfusion models on the main-job data (digits, sine, CSV).")
+                                     "Transfusion models on the main-job data (digits, sine, CSV).",
+                                     epilog="Options left out take the task's preset "
+                                     "(transfusion_fast/app/presets.py).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(p, with_task: bool):
@@ -53,15 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-        # One thread by default: the demo's ops are small, and on a shared 2-core machine two
-        # threads measured 4-8x slower per step than one (the threads wait on each other).
+        # One thread by default: the demo's ops are small, and with more threads each step
+        # spends its time in threads waiting on each other, most of all on a shared machine.
         p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
         if with_task:
-            p.add_argument("--task", default="digits", choices=("digits", "sine", "csv"))
+            p.add_argument("--task", default=TASKS[0], choices=TASKS)
             p.add_argument("--data", default=None, help="CSV file for --task csv (rows = time)")
-            p.add_argument("--length", type=int, default=100, help="window length L (time series)")
-            p.add_argument("--num-samples", type=int, default=2000, help="sine windows to generate")
-            p.add_argument("--image-size", type=int, default=8, choices=(8, 16), help="digit size")
+            p.add_argument("--length", type=int, default=None, help="window length L (time series)")
+            p.add_argument("--num-samples", type=int, default=None, help="sine windows to generate")
+            p.add_argument("--image-size", type=int, default=None, choices=(8, 16), help="digit size")
 
     def training(p):
         p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
@@ -70,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dim", type=int, default=None)
         p.add_argument("--depth", type=int, default=None)
         p.add_argument("--heads", type=int, default=None)
-        p.add_argument("--checkpoint-every", type=int, default=200)
+        p.add_argument("--checkpoint-every", type=int, default=None)
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
     def sampling(p):
         p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per span")
         p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (digits)")
-        p.add_argument("--per-digit", type=int, default=20, help="generated images per digit")
+        p.add_argument("--per-digit", type=int, default=None, help="generated images per digit")
         p.add_argument("--held-out", type=int, default=None,
                        help="caption only the first N held-out images (default: all 359)")
 
@@ -88,24 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(p)
     p = commands.add_parser("eval", help="evaluate the samples in --out, write metrics.json")
     common(p, False)
-    p.add_argument("--metric-iterations", type=int, default=300,
+    p.add_argument("--metric-iterations", type=int, default=None,
                    help="training iterations of the LDS/LPS networks (time series)")
     p = commands.add_parser("demo", help="train, sample, evaluate and print the metrics")
     common(p, True)
     training(p)
     sampling(p)
-    p.add_argument("--metric-iterations", type=int, default=300)
+    p.add_argument("--metric-iterations", type=int, default=None)
     return parser
 
 
 def _setting(args, name: str, task_name: str):
+    """The option ``name`` as given on the command line, else the task's preset."""
     value = getattr(args, name, None)
-    return DEFAULTS[task_name][name] if value is None else value
+    return getattr(preset(task_name), name) if value is None else value
 
 
 def _make_task(args):
-    from .train import DigitsTask, SeriesTask
-
     if args.task == "digits":
         return DigitsTask(image_size=args.image_size, seed=args.seed)
     return SeriesTask(args.task, length=args.length, num_samples=args.num_samples,
@@ -113,8 +108,6 @@ def _make_task(args):
 
 
 def _checkpoint_path(args) -> str:
-    from .train import CHECKPOINT_NAME
-
     path = os.path.join(args.out, CHECKPOINT_NAME)
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path!r}: run `transfusion-fast train --out {args.out}` first")
@@ -122,18 +115,16 @@ def _checkpoint_path(args) -> str:
 
 
 def cmd_train(args) -> dict:
-    from .train import train
-
     task = _make_task(args)
+    steps = _setting(args, "steps", task.name)
     config = task.model_config(dim=_setting(args, "dim", task.name), depth=_setting(args, "depth", task.name),
                                heads=_setting(args, "heads", task.name))
     t0 = time.perf_counter()
-    model, history = train(task, args.out, steps=_setting(args, "steps", task.name),
-                           batch_size=_setting(args, "batch_size", task.name),
+    model, history = train(task, args.out, steps=steps, batch_size=_setting(args, "batch_size", task.name),
                            lr=_setting(args, "lr", task.name), model_config=config, device=args.device,
-                           checkpoint_every=args.checkpoint_every, resume=args.resume,
-                           progress=not args.no_progress, seed=args.seed)
-    summary = {"task": task.name, "steps": _setting(args, "steps", task.name),
+                           checkpoint_every=_setting(args, "checkpoint_every", task.name),
+                           resume=args.resume, progress=not args.no_progress, seed=args.seed)
+    summary = {"task": task.name, "steps": steps,
                "parameters": model.num_parameters(), "train_seconds": time.perf_counter() - t0,
                "tokens_per_second": history["tokens_per_second"],
                "final_loss": history["loss"][-1] if history["loss"] else None}
@@ -146,13 +137,12 @@ def cmd_train(args) -> dict:
 
 
 def cmd_sample(args) -> dict:
-    from .train import task_from_checkpoint
-
     task, model, _ = task_from_checkpoint(_checkpoint_path(args), device=args.device)
     kwargs = {"steps": _setting(args, "sample_steps", task.name), "seed": args.seed,
               "progress": not args.no_progress}
     if task.name == "digits":
-        kwargs.update(per_digit=args.per_digit, cfg_scale=_setting(args, "cfg_scale", task.name),
+        kwargs.update(per_digit=_setting(args, "per_digit", task.name),
+                      cfg_scale=_setting(args, "cfg_scale", task.name),
                       held_out=args.held_out)
     result = task.sample(model, args.out, **kwargs)
     print(f"sampled into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
@@ -161,16 +151,13 @@ def cmd_sample(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from .train import make_task
-    from .checkpoint import load_checkpoint
-
     _, info = load_checkpoint(_checkpoint_path(args))
     task = make_task(info["extra"]["task"])
     t0 = time.perf_counter()
     if task.name == "digits":
         result = task.evaluate(args.out)
     else:
-        result = task.evaluate(args.out, iterations=args.metric_iterations)
+        result = task.evaluate(args.out, iterations=_setting(args, "metric_iterations", task.name))
     result["eval_seconds"] = time.perf_counter() - t0
     summary_path = os.path.join(args.out, "train_summary.json")
     if os.path.exists(summary_path):
