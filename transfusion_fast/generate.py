@@ -1,23 +1,37 @@
 """Mixed-modal generation with a KV cache: text by sampling, spans by the diffusion sampler.
 
+Small functions, top to bottom, as in gpt-fast: :func:`prefill` runs the prompts once;
+:func:`text_step` samples one token for every stream that writes text; :func:`span_step` samples
+the span each stream opened with a BOI (:func:`sample_span`: the diffusion loop) and feeds its EOI;
+:func:`generate` validates the arguments and alternates the two steps until every stream is done.
+A :class:`Stream` holds one prompt's state; :class:`Sampling` the settings of the call.
+
 Every forward call is packed: the participating documents' new rows are the queries of a
 ``Layout.decode`` whose keys are each document's cached keys followed by its new rows. A span is
 sampled with its document's prefix KV computed once (it is in the cache): each diffusion step only
 runs the span's rows, attending to the cached prefix and bidirectionally to the span itself. With
 classifier-free guidance the unconditional twin of each document is ``[BOS, BOI]`` + the span (the
 prefix dropped, as in training with ``cfg_drop_prob``), batched into the same call.
+
+The functions take the model as a :class:`~transfusion_fast.Model` (its ``config``, ``schedule``,
+``embed``, ``forward_hidden``, ``decode_spans`` and ``output``) without importing model.py, so that
+``Model.generate`` can call :func:`generate`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import ops
+from .config import ModalityConfig, ModelConfig
 from .layout import Layout
-from .model import Model
 from .pack import check_span, from_patches, prepare_sample, span_positions
 
-__all__ = ["generate", "KVCache", "sample_tokens"]
+__all__ = ["generate", "prefill", "text_step", "span_step", "sample_span", "sample_tokens", "Sampling",
+           "Stream", "KVCache"]
 
 
 # ------------------------------------------------------------------------------------- KV cache
@@ -89,7 +103,7 @@ class _Forward:
     rows; span inputs are passed per call as ``{modality name: (x (N, P), t (N,))}`` in doc order.
     """
 
-    def __init__(self, model: Model, cache: KVCache, docs: list, chunks: list):
+    def __init__(self, model: nn.Module, cache: KVCache, docs: list, chunks: list):
         config, device = model.config, model.output.weight.device
         self.model = model
         q_lens = [int(tokens.numel()) for tokens, _ in chunks]
@@ -134,6 +148,52 @@ class _Forward:
         self.kv.commit()
 
 
+# ------------------------------------------------------------------------------------- state
+@dataclass(frozen=True)
+class Sampling:
+    """The settings of one :func:`generate` call (validated there)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    sampler: str                  # "ddim" | "ddpm"
+    num_inference_steps: int
+    cfg_scale: float              # 1: no guidance
+    eta: float
+    add_bos: bool
+    stop_at_eos: bool
+    progress: bool
+    boi_modality: dict            # BOI id -> the modality whose span it opens
+    shapes: dict                  # modality name -> shape of its generated spans
+
+
+@dataclass(eq=False)
+class Stream:
+    """One prompt's generation: its document in the KV cache and what it has produced so far."""
+
+    doc: int
+    items: list = field(default_factory=list)    # finished items: text id tensors and spans
+    text: list = field(default_factory=list)     # text ids since the last span
+    new_tokens: int = 0                          # sampled text tokens (an EOI after a span is not)
+    done: bool = False
+    next_span: ModalityConfig | None = None      # the span the last token fed (a BOI) opened
+    logits: torch.Tensor | None = None           # next-token logits after the last token fed
+
+    def add_span(self, span: torch.Tensor, eoi: int) -> None:
+        """Close the text before ``span`` (empty when the prompt itself ended with BOI), keep the
+        span, and start the next text with its EOI."""
+        if self.text:
+            self.items.append(torch.tensor(self.text, dtype=torch.long))
+        self.items.append(span)
+        self.text = [eoi]
+
+    def finish(self) -> list:
+        if self.text:
+            self.items.append(torch.tensor(self.text, dtype=torch.long))
+        return self.items
+
+
 # ------------------------------------------------------------------------------------- sampling
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                   generator: torch.Generator) -> torch.Tensor:
@@ -155,6 +215,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, t
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
+# ------------------------------------------------------------------------------------- arguments
 def _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, sampler,
                          num_inference_steps, cfg_scale, eta):
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -179,7 +240,19 @@ def _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, to
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
 
 
-def _span_shape_for(config, m, span_shape, default_modality):
+def _boi_modalities(config: ModelConfig, modality: str | None) -> dict:
+    """BOI id -> the modality whose span it opens (``modality`` when given, else the first
+    modality of each BOI id)."""
+    boi_modality = {}
+    for m in config.modalities:
+        if modality is None or m.name == modality:
+            boi_modality.setdefault(config.boi_of(m), m)
+    if modality is not None and not boi_modality:
+        raise ValueError(f"modality must be one of {[m.name for m in config.modalities]}, got {modality!r}")
+    return boi_modality
+
+
+def _span_shape_for(config: ModelConfig, m: ModalityConfig, span_shape, default_modality: str) -> tuple:
     if isinstance(span_shape, dict):
         shape = span_shape.get(m.name)
     else:
@@ -191,9 +264,148 @@ def _span_shape_for(config, m, span_shape, default_modality):
     return shape
 
 
+# ------------------------------------------------------------------------------------- steps
+def _feed(model: nn.Module, cache: KVCache, streams: list, chunks: list, settings: Sampling) -> None:
+    """Run new rows ``chunks[j] = (tokens, [(offset, modality, shape, patches)])`` of ``streams[j]``
+    through the model, keep them in the cache, and keep each stream's next-token logits. A chunk
+    always ends with a text token (a span is followed by its EOI)."""
+    device = model.output.weight.device
+    fwd = _Forward(model, cache, [s.doc for s in streams], chunks)
+    spans = {name: (torch.cat([p for _, items in chunks for _, m, _, p in items if m.name == name]).to(device),
+                    torch.zeros(rows.numel(), dtype=torch.long, device=device))
+             for name, rows in fwd.rows.items()}
+    h = fwd(spans)
+    fwd.commit()
+    logits = model.output(h[fwd.last_rows]).float()
+    for j, (stream, (tokens, _)) in enumerate(zip(streams, chunks)):
+        stream.next_span = settings.boi_modality.get(int(tokens[-1]))
+        stream.logits = logits[j]
+
+
+def prefill(model: nn.Module, cache: KVCache, streams: list, prepared: list, settings: Sampling) -> None:
+    """Run every prompt (a :class:`~transfusion_fast.pack.PreparedSample`) through the model once."""
+    _feed(model, cache, streams, [(s.tokens, [(offset, m, shape, patches) for offset, m, patches, shape, _
+                                              in s.spans]) for s in prepared], settings)
+
+
+def text_step(model: nn.Module, cache: KVCache, streams: list, settings: Sampling,
+              gen: torch.Generator) -> None:
+    """Sample one token for each of ``streams``; feed it unless it ends the stream (EOS, a full
+    document, or the token budget spent on anything but a BOI)."""
+    config = model.config
+    chosen = sample_tokens(torch.stack([s.logits for s in streams]), settings.temperature, settings.top_k,
+                           settings.top_p, gen)
+    fed = []
+    for stream, token in zip(streams, chosen.tolist()):
+        stream.text.append(token)
+        stream.new_tokens += 1
+        full = cache.lengths[stream.doc] + 1 >= config.max_seq_len   # this token fills it
+        if (settings.stop_at_eos and token == config.eos_id) or full or (
+                stream.new_tokens >= settings.max_new_tokens and token not in settings.boi_modality):
+            stream.done = True
+        else:
+            fed.append((stream, token))
+    if fed:
+        _feed(model, cache, [s for s, _ in fed], [(torch.tensor([token]), []) for _, token in fed], settings)
+
+
+def span_step(model: nn.Module, cache: KVCache, streams: list, settings: Sampling,
+              gen: torch.Generator) -> None:
+    """Sample the span each of ``streams`` opened, batched per modality, then feed its EOI. A stream
+    whose document has no room left for the span and its EOI ends instead."""
+    config = model.config
+    groups: dict = {}
+    for stream in streams:
+        groups.setdefault(stream.next_span.name, (stream.next_span, []))[1].append(stream)
+    for m, group in groups.values():
+        shape = settings.shapes[m.name]
+        n = m.num_patches(shape)
+        fits = []
+        for stream in group:
+            stream.next_span = None
+            if cache.lengths[stream.doc] + n + 1 <= config.max_seq_len:
+                fits.append(stream)
+            else:
+                stream.done = True
+        if not fits:
+            continue
+        spans = sample_span(model, cache, [s.doc for s in fits], m, shape, gen, settings)
+        eoi = config.eoi_of(m)
+        for stream, span in zip(fits, spans):
+            stream.add_span(span, eoi)
+        _feed(model, cache, fits, [(torch.tensor([eoi]), []) for _ in fits], settings)
+        for stream in fits:
+            if stream.new_tokens >= settings.max_new_tokens:
+                stream.done = True
+
+
+# ------------------------------------------------------------------------------------- one span
+def sample_span(model: nn.Module, cache: KVCache, docs: list, m: ModalityConfig, shape,
+                gen: torch.Generator, settings: Sampling) -> list:
+    """Sample one span of modality ``m`` for each of ``docs`` (their prefixes, ending in BOI, are
+    cached); the clean span joins each document's cache. Returns the spans (CPU float32)."""
+    config = model.config
+    device = model.output.weight.device
+    n, G = m.num_patches(shape), len(docs)
+    uncond = _unconditional_twins(model, cache, G, m, settings.add_bos) if settings.cfg_scale != 1.0 else []
+    span_chunk = (torch.full((n,), config.pad_id), [(0, m, shape)])
+    step = _Forward(model, cache, docs + uncond, [span_chunk] * (G + len(uncond)))
+    x = _denoise(model, step, m, G * n, gen, settings)
+
+    # Later text attends to the clean span (timestep 0), as in training.
+    clean = _Forward(model, cache, docs, [span_chunk] * G)
+    clean({m.name: (x, torch.zeros(G * n, dtype=torch.long, device=device))})
+    clean.commit()
+    for doc in uncond:
+        cache.drop(doc)
+    return [from_patches(m, x[g * n:(g + 1) * n].float().cpu(), shape) for g in range(G)]
+
+
+def _unconditional_twins(model: nn.Module, cache: KVCache, count: int, m: ModalityConfig,
+                         add_bos: bool) -> list:
+    """``count`` new documents ``[BOS, BOI]``, prefilled: the unconditional side of guidance."""
+    config = model.config
+    prefix = torch.tensor(([config.bos_id] if add_bos else []) + [config.boi_of(m)])
+    docs = [cache.new_doc() for _ in range(count)]
+    twin = _Forward(model, cache, docs, [(prefix, []) for _ in docs])
+    twin()
+    twin.commit()
+    return docs
+
+
+def _denoise(model: nn.Module, step: _Forward, m: ModalityConfig, rows: int, gen: torch.Generator,
+             settings: Sampling) -> torch.Tensor:
+    """The diffusion sampler: ``rows`` span rows (conditional documents first in ``step``, then
+    their unconditional twins) from pure noise to x0, one packed forward per step."""
+    config, schedule = model.config, model.schedule
+    device = model.output.weight.device
+    guided = settings.cfg_scale != 1.0
+    span_rows = step.rows[m.name]
+    timesteps = sorted({int(t) for t in ops.inference_timesteps(config.diffusion_steps,
+                                                                settings.num_inference_steps)}, reverse=True)
+    x = torch.randn(rows, m.patch_dim, generator=gen).to(device)
+    step_fn = ops.ddim_step if settings.sampler == "ddim" else ops.ddpm_step
+    extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
+    bar = tqdm(total=len(timesteps), disable=not settings.progress, desc=f"diffusion[{m.name}]", leave=False)
+    for k, t in enumerate(timesteps):
+        t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
+        x_in = torch.cat([x, x]) if guided else x
+        t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
+        out = model.decode_spans(step({m.name: (x_in, t_in)}), m.name, span_rows).float()
+        # Step noise is drawn on the device by the op (Philox) from a seed of our generator.
+        step_seed = int(torch.randint(0, 2**62, (), generator=gen))
+        x = step_fn(x, out[:rows], torch.full((rows,), t, dtype=torch.long, device=device),
+                    torch.full((rows,), t_prev, dtype=torch.long, device=device), schedule,
+                    prediction=config.prediction, uncond_out=out[rows:] if guided else None,
+                    cfg_scale=settings.cfg_scale, seed=step_seed, **extra)
+        bar.update(1)
+    bar.close()
+    return x
+
+
 # ------------------------------------------------------------------------------------- generate
 @torch.no_grad()
-def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: float = 1.0,
+def generate(model: nn.Module, prompts, *, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              sampler: str = "ddim", num_inference_steps: int = 250, cfg_scale: float = 5.0,
              eta: float = 0.0, span_shape=None, modality: str | None = None, progress: bool = True,
@@ -222,151 +434,29 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 64, temperature: fl
     config = model.config
     _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, sampler,
                          num_inference_steps, cfg_scale, eta)
-    boi_modality = {}
-    for m in config.modalities:
-        if modality is None or m.name == modality:
-            boi_modality.setdefault(config.boi_of(m), m)
-    if modality is not None and not boi_modality:
-        raise ValueError(f"modality must be one of {[m.name for m in config.modalities]}, got {modality!r}")
+    boi_modality = _boi_modalities(config, modality)
     default_modality = modality or config.modalities[0].name
     shapes = {m.name: _span_shape_for(config, m, span_shape, default_modality) for m in boi_modality.values()}
     prepared = [prepare_sample(p, config, add_bos=add_bos, add_eos=False, where=f"prompts[{i}]",
                                allow_empty=add_bos) for i, p in enumerate(prompts)]
+    settings = Sampling(max_new_tokens, temperature, top_k, top_p, sampler, num_inference_steps, cfg_scale,
+                        eta, add_bos, stop_at_eos, progress, boi_modality, shapes)
 
     was_training = model.training
     model.eval()
     try:
         gen = torch.Generator().manual_seed(int(seed))
         cache = KVCache(config.depth)
-        docs = [cache.new_doc() for _ in prompts]
-        items = [[] for _ in prompts]
-        text = [[] for _ in prompts]
-        new_tokens = [0] * len(prompts)
-        done = [False] * len(prompts)
-        need_span: dict = {}      # prompt → modality whose span comes next
-        logits: dict = {}         # prompt → next-token logits
-
-        device = model.output.weight.device
-
-        def feed(indices, chunks):
-            """Run new rows ``chunks[j] = (tokens, [(offset, modality, shape, patches)])`` of
-            prompts ``indices`` through the model and keep their next-token logits. A chunk
-            always ends with a text token (a span is followed by its EOI)."""
-            fwd = _Forward(model, cache, [docs[i] for i in indices], chunks)
-            h = fwd({name: (torch.cat([p for _, s in chunks for _, mm, _, p in s if mm.name == name]).to(device),
-                            torch.zeros(rows.numel(), dtype=torch.long, device=device))
-                     for name, rows in fwd.rows.items()})
-            fwd.commit()
-            out = model.output(h[fwd.last_rows]).float()
-            for j, i in enumerate(indices):
-                last = int(chunks[j][0][-1])
-                if last in boi_modality:
-                    need_span[i] = boi_modality[last]
-                logits[i] = out[j]
-
-        feed(list(range(len(prompts))),
-             [(s.tokens, [(off, m, shape, patches) for off, m, patches, shape, _ in s.spans])
-              for s in prepared])
-
-        while True:
-            active = [i for i in range(len(prompts)) if not done[i]]
-            if not active:
-                break
-            spanning = [i for i in active if i in need_span]
+        streams = [Stream(cache.new_doc()) for _ in prompts]
+        prefill(model, cache, streams, prepared, settings)
+        while active := [s for s in streams if not s.done]:
+            spanning = [s for s in active if s.next_span is not None]
             if spanning:
-                groups: dict = {}
-                for i in spanning:
-                    groups.setdefault(need_span[i].name, (need_span[i], []))[1].append(i)
-                for m, group in groups.values():
-                    shape = shapes[m.name]
-                    n = m.num_patches(shape)
-                    fits = [i for i in group if cache.lengths[docs[i]] + n + 1 <= config.max_seq_len]
-                    for i in group:
-                        del need_span[i]
-                        if i not in fits:
-                            done[i] = True
-                    if not fits:
-                        continue
-                    spans_out = _sample_span(model, cache, [docs[i] for i in fits], m, shape, gen,
-                                             sampler, num_inference_steps, cfg_scale, eta, add_bos,
-                                             progress)
-                    eoi = config.eoi_of(m)
-                    for i, span in zip(fits, spans_out):
-                        if text[i]:   # empty when the prompt itself ended with BOI
-                            items[i].append(torch.tensor(text[i], dtype=torch.long))
-                        items[i].append(span)
-                        text[i] = [eoi]
-                    feed(fits, [(torch.tensor([eoi]), []) for _ in fits])
-                    for i in fits:
-                        if new_tokens[i] >= max_new_tokens:
-                            done[i] = True
-                continue
-            if max_new_tokens == 0:
+                span_step(model, cache, spanning, settings, gen)
+            elif max_new_tokens == 0:
                 break
-            chosen = sample_tokens(torch.stack([logits[i] for i in active]), temperature, top_k, top_p, gen)
-            to_feed = []
-            for i, tok in zip(active, chosen.tolist()):
-                text[i].append(tok)
-                new_tokens[i] += 1
-                full = cache.lengths[docs[i]] + 1 >= config.max_seq_len   # this token fills it
-                if (stop_at_eos and tok == config.eos_id) or full or (
-                        new_tokens[i] >= max_new_tokens and tok not in boi_modality):
-                    done[i] = True
-                else:
-                    to_feed.append((i, tok))
-            if to_feed:
-                feed([i for i, _ in to_feed], [(torch.tensor([tok]), []) for _, tok in to_feed])
-        for i in range(len(prompts)):
-            if text[i]:
-                items[i].append(torch.tensor(text[i], dtype=torch.long))
-        return items
+            else:
+                text_step(model, cache, active, settings, gen)
+        return [s.finish() for s in streams]
     finally:
         model.train(was_training)
-
-
-def _sample_span(model: Model, cache: KVCache, docs: list, m, shape, gen: torch.Generator, sampler: str,
-                 num_inference_steps: int, cfg_scale: float, eta: float, add_bos: bool, progress: bool):
-    """Sample one span of modality ``m`` for each of ``docs`` (their prefixes ending in BOI are cached)."""
-    config, schedule = model.config, model.schedule
-    device = model.output.weight.device
-    n, P, G = m.num_patches(shape), m.patch_dim, len(docs)
-    guided = cfg_scale != 1.0
-    uncond = []
-    if guided:
-        # The unconditional twins: [BOS, BOI], prefilled once, then the same span rows.
-        prefix = torch.tensor(([config.bos_id] if add_bos else []) + [config.boi_of(m)])
-        uncond = [cache.new_doc() for _ in docs]
-        twin = _Forward(model, cache, uncond, [(prefix, []) for _ in uncond])
-        twin()
-        twin.commit()
-    span_chunk = (torch.full((n,), config.pad_id), [(0, m, shape)])
-    step = _Forward(model, cache, docs + uncond, [span_chunk] * (G + len(uncond)))
-    rows = step.rows[m.name]
-
-    timesteps = sorted({int(t) for t in ops.inference_timesteps(config.diffusion_steps, num_inference_steps)},
-                       reverse=True)
-    x = torch.randn(G * n, P, generator=gen).to(device)
-    step_fn = ops.ddim_step if sampler == "ddim" else ops.ddpm_step
-    extra = {"eta": eta} if sampler == "ddim" else {}
-    bar = tqdm(total=len(timesteps), disable=not progress, desc=f"diffusion[{m.name}]", leave=False)
-    for k, t in enumerate(timesteps):
-        t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
-        x_in = torch.cat([x, x]) if guided else x
-        t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
-        out = model.decode_spans(step({m.name: (x_in, t_in)}), m.name, rows).float()
-        # Step noise is drawn on the device by the op (Philox) from a seed of our generator.
-        step_seed = int(torch.randint(0, 2**62, (), generator=gen))
-        x = step_fn(x, out[:G * n], torch.full((G * n,), t, dtype=torch.long, device=device),
-                    torch.full((G * n,), t_prev, dtype=torch.long, device=device), schedule,
-                    prediction=config.prediction, uncond_out=out[G * n:] if guided else None,
-                    cfg_scale=cfg_scale, seed=step_seed, **extra)
-        bar.update(1)
-    bar.close()
-
-    # Later text attends to the clean span (timestep 0), as in training.
-    clean = _Forward(model, cache, docs, [span_chunk] * G)
-    clean({m.name: (x, torch.zeros(G * n, dtype=torch.long, device=device))})
-    clean.commit()
-    for doc in uncond:
-        cache.drop(doc)
-    return [from_patches(m, x[g * n:(g + 1) * n].float().cpu(), shape) for g in range(G)]

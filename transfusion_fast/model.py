@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
+from .generate import generate
 from .layout import Layout
 from .schedules import get_schedule
 
@@ -280,7 +281,6 @@ class Model(nn.Module):
     # ------------------------------------------------------------------ generation
     def generate(self, prompts, **kwargs):
         """Mixed-modal generation; see :func:`transfusion_fast.generate.generate`."""
-        from .generate import generate
         return generate(self, prompts, **kwargs)
 
     def num_parameters(self) -> int:
