@@ -14,6 +14,7 @@ Command line: ``python -m transfusion_fast.aot < specs.json`` prints the reports
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -23,6 +24,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 __all__ = ["KernelSpec", "KernelReport", "compile_report", "kernel_signature", "ARCHS", "TRITON_DTYPES"]
 
@@ -87,7 +91,6 @@ class KernelReport:
 
 
 def _ptxas() -> str:
-    import triton
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(path):
         raise RuntimeError(f"ptxas not found at {path} (it ships with triton's NVIDIA backend)")
@@ -111,12 +114,6 @@ def _ptxas_figures(ptx: str, gpu_name: str) -> tuple[int, int, int]:
 
 
 def _compile_one(spec: KernelSpec, arch: int) -> KernelReport:
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
     label = spec.label or spec.kernel
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .aot import compile_report
 from .layout import Layout
 
 __all__ = ["compile_without_spills", "dense_attention_oracle", "transfusion_example", "packed_documents_example",
@@ -71,8 +72,6 @@ def packed_documents_example(total: int, num_docs: int, seed: int = 0, causal: b
 def compile_without_spills(specs) -> list:
     """AOT-compile ``specs`` (:class:`transfusion_fast.aot.KernelSpec`) for sm_80 and sm_90a and assert
     that every config compiled, without register spills, within the 255-register limit."""
-    from .aot import compile_report
-
     reports = compile_report(specs)
     assert len(reports) == 2 * len(specs)
     bad = [(r.label, r.arch, r.error or f"spills {r.spill_stores}/{r.spill_loads}") for r in reports if not r.ok]
