@@ -26,7 +26,7 @@ from transfusion_fast.layout import Layout, TileTable
 
 from .attention_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_fwd
 from .attention_tiles import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, TileConfig, forced_tile_config,
-                              forced_tile_sizes, gpu_arch, tile_config)
+                              forced_tile_sizes, tile_config)
 from .launch import Launcher, cdiv, next_power_of_2
 
 __all__ = ["triton_attention", "launch_forward", "launch_backward", "tile_tables", "row_walk",
@@ -37,6 +37,17 @@ LOG2E = 1.4426950408889634
 
 
 # ================================================================================== launchers
+# torch.compile: the answer is a trace-time constant (dynamo would otherwise put the query in the
+# graph or break it); the device of a traced tensor cannot change without a recompile.
+@torch._dynamo.assume_constant_result
+def gpu_arch(device: torch.device) -> int:
+    """80 (Ampere-class) or 90 (Hopper and newer); the interpreter plans as for sm_80."""
+    if device.type != "cuda":
+        return 80
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get IEEE products: the fp32 path must match the reference to fp32 accuracy.
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -13,9 +13,10 @@ import torch
 from transfusion_fast.aot import KernelSpec, kernel_signature
 from transfusion_fast.layout import Layout
 
-from .attention import column_walk, dot_precision, launch_backward, launch_forward, row_walk, tile_tables
+from .attention import (column_walk, dot_precision, gpu_arch, launch_backward, launch_forward, row_walk,
+                        tile_tables)
 from .attention_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_fwd
-from .attention_tiles import HALF_CONFIGS, SUPPORTED_HEAD_DIMS, gpu_arch, tile_config
+from .attention_tiles import HALF_CONFIGS, SUPPORTED_HEAD_DIMS, tile_config
 from .launch import next_power_of_2
 
 __all__ = ["count_computed_tiles", "aot_specs"]

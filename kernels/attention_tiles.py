@@ -5,7 +5,8 @@ per head_dim, dtype and GPU generation (sm_80 / sm_90).
 :func:`forced_tile_config` override it inside a block (tests use tiny tiles to exercise many
 tiles; the tuning script sweeps candidates). ``SUPPORTED_HEAD_DIMS`` are the head dims that have a
 shipped configuration: every implementation of :func:`transfusion_fast.ops.attention` accepts
-exactly these.
+exactly these. This module imports only torch, so that the ops can read the supported head dims
+without loading the Triton path.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TileConfig", "tile_config", "forced_tile_sizes", "forced_tile_config", "gpu_arch",
-           "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["TileConfig", "tile_config", "forced_tile_sizes", "forced_tile_config", "SUPPORTED_HEAD_DIMS",
+           "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -98,17 +99,6 @@ _FP32_CONFIGS = {
 }
 
 _forced_config: TileConfig | None = None
-
-
-# torch.compile: the answer is a trace-time constant (dynamo would otherwise put the query in the
-# graph or break it); the device of a traced tensor cannot change without a recompile.
-@torch._dynamo.assume_constant_result
-def gpu_arch(device: torch.device) -> int:
-    """80 (Ampere-class) or 90 (Hopper and newer); the interpreter plans as for sm_80."""
-    if device.type != "cuda":
-        return 80
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, arch: int = 80) -> TileConfig:

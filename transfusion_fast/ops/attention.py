@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import backend as _backend
-from ..kernels.attention import SUPPORTED_HEAD_DIMS, triton_attention
+from ..kernels.attention_tiles import SUPPORTED_HEAD_DIMS
 from ..layout import Layout
 from ._cpu_attention import cpu_attention
 
@@ -198,6 +198,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
     scale = check_attention_inputs(q, k, v, layout, scale)
     impl = _backend.resolve(q, "attention")
     if impl == "triton":
+        # Imported on first use, not at the top: the Triton path loads torch._dynamo (for its
+        # torch.compile support), which would add seconds to `import transfusion_fast` on machines
+        # that only ever run the CPU kernels. It is a downward import (ops <- kernels): no cycle.
+        from ..kernels.attention import triton_attention
         o, lse = triton_attention(q, k, v, layout, scale)
     elif impl == "cpu":
         o, lse = cpu_attention(q, k, v, layout, scale)
