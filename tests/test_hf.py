@@ -199,6 +199,7 @@ def test_layout_path_agrees_with_the_transfusion_model_attention():
     ("dropout", ["dropout=0.5"]),
     ("sliding_window", ["sliding_window=4", "document of 11 tokens"]),
     ("not_a_layout", ["layout must be a transfusion_fast.Layout", "Tensor"]),
+    ("block_mask", ["takes no BlockMask attention_mask", "layout="]),
 ])
 def test_bad_input_is_named(case, words):
     layout = transfusion_layout()
@@ -225,6 +226,9 @@ def test_bad_input_is_named(case, words):
         kwargs = dict(position_ids=None, layout=layout)
     elif case == "not_a_layout":
         kwargs["layout"] = layout.kv_end
+    elif case == "block_mask":
+        from torch.nn.attention.flex_attention import create_block_mask
+        kwargs = dict(attention_mask=create_block_mask(lambda b, h, q, kv: kv <= q, 1, None, 21, 21, device="cpu"))
     with pytest.raises((ValueError, TypeError)) as info:
         model(ids, **kwargs)
     for word in words:

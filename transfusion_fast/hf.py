@@ -129,6 +129,9 @@ def _implicit_layout(batch: int, q_len: int, k_len: int, device: torch.device, k
 def _check_call(module, mask, dropout: float, layout, kwargs: dict) -> None:
     name = f"attn_implementation='{ATTN_IMPLEMENTATION}'"
     if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} takes no {type(mask).__name__} attention_mask: describe the mask with "
+                            f"layout=transfusion_fast.Layout(...) instead")
         if mask.dim() == 4:
             raise ValueError(f"{name} never uses a dense 4-D attention_mask (got shape {tuple(mask.shape)}): "
                              f"describe the mask with layout=transfusion_fast.Layout(...) instead")
