@@ -16,9 +16,9 @@ LAYERS = [
               "transfusion_fast.schedules", "transfusion_fast.aot")),
     ("kernels", ("transfusion_fast.kernels",)),
     ("ops", ("transfusion_fast.ops",)),
-    ("config", ("transfusion_fast.config",)),
+    ("config", ("transfusion_fast.config", "transfusion_fast.hf_weights")),
     ("model", ("transfusion_fast.pack", "transfusion_fast.generate", "transfusion_fast.model",
-               "transfusion_fast.checkpoint", "transfusion_fast.testing")),
+               "transfusion_fast.checkpoint", "transfusion_fast.testing", "transfusion_fast.hf")),
     ("package", ("transfusion_fast",)),
     ("application", ("transfusion_fast.app", "transfusion_fast.__main__")),
 ]

@@ -87,6 +87,8 @@ class ModelConfig:
     n_kv_heads: int | None = None      # None: n_heads (no GQA)
     head_dim: int | None = None        # None: dim // n_heads
     ffn_multiple_of: int = 32          # SwiGLU hidden = 8/3·dim rounded up to this multiple
+    ffn_hidden_size: int | None = None  # exact SwiGLU hidden size (HF intermediate_size); None: derived
+    qkv_bias: bool = False             # biases on the q/k/v projection (Qwen2)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     span_positions: str = "sequential"  # "axial": image patches get 2-D (row, column) RoPE
@@ -119,6 +121,9 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "depth", "n_heads", "n_kv_heads", "head_dim",
                      "ffn_multiple_of", "diffusion_steps", "max_seq_len", "time_freq_dim"):
             positive_int(name)
+        if self.ffn_hidden_size is not None:
+            positive_int("ffn_hidden_size")
+        _require(isinstance(self.qkv_bias, bool), f"ModelConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
         _require(self.n_heads % self.n_kv_heads == 0,
                  f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                  f"({self.n_kv_heads}) for grouped-query attention")
@@ -184,6 +189,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived
     @property
     def ffn_hidden(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
         return _find_multiple(int(2 * 4 * self.dim / 3), self.ffn_multiple_of)
 
     def modality(self, name: str) -> ModalityConfig:

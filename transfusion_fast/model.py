@@ -29,6 +29,9 @@ Public API (stable)::
   ``noise``, ``timesteps``, ``span_index``), ``span_shapes``, ``num_spans``; ``batch.to(device)``.
 * ``pack(..., seed, device, cfg_drop_prob, caption_noise_prob=0.8, caption_max_timestep=500,
   timesteps=None)``: one document per sample (BOS … EOS, BOI/EOI around each span).
+* ``Model.from_hf(path_or_model, freeze_text=False, special_tokens=None, tokenizer=None, **overrides)``:
+  the backbone of a local Hugging Face LLaMA-family checkpoint (:mod:`transfusion_fast.hf_weights`)
+  with fresh modality heads; ``Model.text_logits(ids)``: next-token logits of text-only input.
 * ``Model.embed`` / ``Model.forward_hidden`` / ``Model.decode_spans``: the pieces the generator
   reuses with a KV cache.
 * Distributed: wrap in DDP, or ``fully_shard`` each of ``model.layers`` then the model (FSDP2).
@@ -45,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import hf_weights, ops
 from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
 from .generate import generate
 from .layout import Layout
@@ -74,7 +77,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.theta = config.rope_theta
         qkv = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-        self.wqkv = nn.Linear(config.dim, qkv, bias=False)
+        self.wqkv = nn.Linear(config.dim, qkv, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, axial: torch.Tensor | None,
@@ -285,3 +288,58 @@ class Model(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf(cls, source, *, freeze_text: bool = False, special_tokens: dict | None = None,
+                tokenizer=None, **config_overrides) -> "Model":
+        """A Transfusion model whose backbone is a Hugging Face LLaMA-family checkpoint.
+
+        ``source``: a local checkpoint directory (``config.json`` + ``*.safetensors``) or an
+        in-memory model (``.config``, ``.state_dict()``); see :mod:`transfusion_fast.hf_weights` for
+        the mapping and the special tokens (``special_tokens``, ``tokenizer``). ``config_overrides``
+        set the Transfusion fields (``modalities``, ``prediction``, ``conditioning``, ...; a smaller
+        ``max_seq_len``); the backbone's fields come from the checkpoint. The modality heads (and
+        adaLN layers) are freshly initialized; with ``freeze_text=True`` they are the only
+        parameters left trainable: every weight read from the checkpoint, the embedding and output
+        rows of appended special tokens included, gets ``requires_grad=False``.
+        """
+        conv = hf_weights.convert_hf(source, special_tokens=special_tokens, tokenizer=tokenizer)
+        fixed = sorted(set(config_overrides) & (set(conv.config) - {"max_seq_len"}))
+        if fixed:
+            raise ValueError(f"from_hf: {fixed} come from the checkpoint and cannot be overridden "
+                             f"(checkpoint values {[conv.config[k] for k in fixed]}); use special_tokens= for special ids")
+        limit = conv.config["max_seq_len"]
+        max_seq_len = config_overrides.get("max_seq_len", limit)
+        if not (isinstance(max_seq_len, int) and 0 < max_seq_len <= limit):
+            raise ValueError(f"from_hf: max_seq_len must be a positive int <= {limit} (the checkpoint's "
+                             f"max_position_embeddings / sliding_window), got {max_seq_len!r}")
+        model = cls(ModelConfig(**{**conv.config, **config_overrides}))
+        missing, unexpected = model.load_state_dict(conv.state_dict, strict=False)
+        new = {name for name, _ in model.named_parameters()} - set(conv.state_dict)
+        if unexpected or not set(missing) <= new:
+            raise ValueError(f"from_hf: weights do not fit the model: "
+                             f"missing {sorted(set(missing) - new)}, unexpected {sorted(unexpected)}")
+        if freeze_text:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in new)
+        return model
+
+    def text_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (float32) of text-only input, each row one causal document from
+        position 0: ids ``(T,)`` → ``(T, vocab)``, ``(B, T)`` → ``(B, T, vocab)``."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) \
+                or ids.dim() not in (1, 2) or ids.numel() == 0:
+            got = (ids.dtype, tuple(ids.shape)) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be a non-empty int32/int64 tensor of shape (T,) or (B, T), got {got}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                             f"[{lo}, {hi}]")
+        rows = ids.reshape(-1, ids.shape[-1])
+        batch, length = rows.shape
+        cu = torch.arange(0, (batch + 1) * length, length, device=ids.device, dtype=torch.int32)
+        layout = Layout.causal(cu)
+        h, cond, span_rows = self.embed(rows.reshape(-1).long(), {})
+        h = self.forward_hidden(h, layout.positions, None, layout, cond, span_rows)
+        return self.output(h).float().view(*ids.shape, -1)
