@@ -14,8 +14,8 @@ patchify and generated latents are decoded after sampling; the codec never train
   DiT uses) and ``shift = config.shift_factor`` (``None`` → 0). A VAE whose config has per-channel
   ``latents_mean`` / ``latents_std`` (SDXL-style) uses ``(z − mean) · scaling_factor / std`` instead,
   as diffusers' pipelines do. Decoding inverts it.
-* :class:`Latents` marks an item as already encoded (a data pipeline that caches latents): pack takes
-  its tensor as the modality's latents as they are, where a plain tensor is taken as pixels.
+* :class:`Latents` marks an item as already encoded (a data pipeline that caches latents), so that
+  pack can tell it from pixels: its tensor is the modality's latents as they are.
 * :meth:`LatentCodec.check_modality` and :meth:`LatentCodec.check_item` reject a modality or an item
   that does not fit the codec with a ValueError naming the field, the expected and the received value.
 """
