@@ -1,4 +1,4 @@
-"""Compiled (csrc/) ops suite: patchify / unpatchify, add_noise and the sampler steps (DDPM / DDIM with classifier-free guidance), with 1 and 2
+"""Compiled (csrc/) ops suite: patchify / unpatchify, add_noise and the sampler steps (DDPM / DDIM and the flow steps Euler / Heun, with classifier-free guidance), with 1 and 2
 threads, against their eager PyTorch compositions and a plain copy (``clone``) of the same bytes.
 
 Goals (issue 5): at least 2x faster than eager, and at least 70% of the copy's bandwidth for the
@@ -106,6 +106,48 @@ def _step_case(kind: str) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=None)
+def _flow_data() -> dict:
+    g = torch.Generator().manual_seed(2)
+    t = (torch.rand(NOISE_ROWS, generator=g) * 0.9 + 0.1).to(benchlib.device())
+    x_pred = torch.randn(NOISE_ROWS, NOISE_DIM, generator=g).to(benchlib.device(), DTYPE)
+    return {"t": t, "t_next": t * 0.9, "x_pred": x_pred}
+
+
+def _eager_flow_step(kind: str, x_t, x_pred, cond, uncond, t, t_next, cfg_scale):
+    """The eager fp32 composition of one guided flow step: Euler x + h·v, Heun's corrector
+    x/2 + x_pred/2 + h/2·v."""
+    h = (t_next - t)[:, None]
+    v = uncond + cfg_scale * (cond - uncond)
+    if kind == "euler_step":
+        return x_t + h * v
+    return 0.5 * x_t + (0.5 * h) * v + 0.5 * x_pred
+
+
+def _flow_step_args(kind: str):
+    d, sd, fd = _data(), _step_data(), _flow_data()
+    head = (d["x0"],) if kind == "euler_step" else (d["x0"], fd["x_pred"])
+    return (*head, sd["cond"], fd["t"], fd["t_next"]), dict(uncond_out=sd["uncond"], cfg_scale=5.0)
+
+
+def _flow_step_case(kind: str) -> dict:
+    d, sd, fd = _data(), _step_data(), _flow_data()
+    x_t = d["x0"]
+    args, kwargs = _flow_step_args(kind)
+    fn = _sampler_fn(kind)
+    inputs = 4 if kind == "euler_step" else 5     # x_t (x_pred), cond, uncond read; out written
+    return {
+        "ours": None if fn is None else (lambda: fn(*args, **kwargs)),
+        "eager": lambda: _eager_flow_step(kind, x_t, fd["x_pred"], sd["cond"], sd["uncond"], fd["t"], fd["t_next"],
+                                          5.0),
+        "copy": lambda: x_t.clone(),
+        "bytes": inputs * x_t.numel() * x_t.element_size() + 2 * fd["t"].numel() * fd["t"].element_size(),
+        "copy_bytes": 2 * x_t.numel() * x_t.element_size(),
+        "bandwidth_goal": None,
+        "missing": None if fn is not None else f"transfusion_fast.ops.{kind} does not exist yet",
+    }
+
+
 def _ops() -> dict:
     d = _data()
     images, patches, x0, t, sched = d["images"], d["patches"], d["x0"], d["timesteps"], d["schedule"]
@@ -138,6 +180,8 @@ def _ops() -> dict:
         },
         f"ddpm_step cfg ({NOISE_ROWS},{NOISE_DIM}) ({_mb(x0)})": _step_case("ddpm_step"),
         f"ddim_step cfg eta=0 ({NOISE_ROWS},{NOISE_DIM}) ({_mb(x0)})": _step_case("ddim_step"),
+        f"euler_step cfg ({NOISE_ROWS},{NOISE_DIM}) ({_mb(x0)})": _flow_step_case("euler_step"),
+        f"heun_step cfg ({NOISE_ROWS},{NOISE_DIM}) ({_mb(x0)})": _flow_step_case("heun_step"),
     }
 
 
@@ -159,6 +203,12 @@ def _check(case: str, result):
         expected = reference(d["x0"], sd["cond"], sd["t"], sd["t_prev"], d["schedule"],
                              uncond_out=sd["uncond"], cfg_scale=5.0, **seed)
         torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
+    elif case.startswith(("euler_step", "heun_step")):
+        kind = case.split()[0]
+        sampler, _ = benchlib.try_import("transfusion_fast.ops.sampler")
+        args, kwargs = _flow_step_args(kind)
+        # the reference twin follows the kernel's operations: the same bits
+        assert torch.equal(result, getattr(sampler, f"{kind}_reference")(*args, **kwargs))
     else:
         x_t, noise = result
         expected = ops.add_noise_reference(d["x0"], d["timesteps"], d["schedule"], noise)

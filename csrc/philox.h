@@ -2,7 +2,7 @@
 // Device-agnostic math shared by the CPU (C++) and CUDA kernels of the diffusion ops:
 //   * Philox 4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011),
 //   * Box-Muller normals built only from IEEE-exact operations (+, -, *, sqrt, int<->float), and
-//   * the per-row coefficients of the DDPM / DDIM sampler steps.
+//   * the per-row coefficients of the DDPM / DDIM sampler steps and of the flow (Euler / Heun) steps.
 //
 // Bit-identical CPU and CUDA results are the point of this header, so:
 //   * every float operation is one correctly rounded IEEE operation: on the device through the
@@ -272,6 +272,18 @@ TF_HD StepCoefficients ddim_coefficients(int64_t prediction, double eta, double 
   const PredictionMap pm = prediction_map(prediction, alpha_bar_t);
   return {dadd(dmul(sap, pm.px), dmul(direction, pm.ex)), dadd(dmul(sap, pm.pm), dmul(direction, pm.em)),
           std_dev};
+}
+
+// Rectified-flow ODE steps from t to t_next (t = 1 noise, t = 0 data; h = t_next - t < 0), linear
+// like the steps above with the velocity v (the CFG-combined model output) in the model slot:
+//   Euler:          x_next = x + h * v(x, t)
+//   Heun corrector: x_next = x / 2 + x_pred / 2 + h / 2 * v(x_pred, t_next), with x_pred the Euler
+//                   predictor x + h * v(x, t) in the noise slot. This is x + h / 2 * (v(x, t) +
+//                   v(x_pred, t_next)) without the first velocity: the caller keeps x_pred only.
+TF_HD StepCoefficients flow_coefficients(bool heun, double t, double t_next) {
+  const double h = dadd(t_next, -t);
+  if (!heun) return {1.0, h, 0.0};
+  return {0.5, dmul(0.5, h), 0.5};
 }
 
 }  // namespace transfusion_fast

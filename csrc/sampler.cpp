@@ -1,6 +1,8 @@
 // DDPM ancestral and DDIM sampler steps, each one fused pass: classifier-free guidance combine,
 // prediction-type conversion, the step itself and (when the step is stochastic) Philox noise.
-// Schemas and CPU kernels; the per-row coefficient math lives in philox.h, shared with CUDA.
+// The rectified-flow ODE steps (Euler, and Heun's corrector) run through the same pass: they are
+// linear in (x_t, guided velocity, predictor point) too. Schemas and CPU kernels; the per-row
+// coefficient math lives in philox.h, shared with CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -45,6 +47,27 @@ void check_step_args(const at::Tensor& x_t, const at::Tensor& model_out, const s
   }
 }
 
+void check_flow_step_args(const at::Tensor& x_t, const std::optional<at::Tensor>& x_pred, const at::Tensor& model_out,
+                          const std::optional<at::Tensor>& uncond_out, const at::Tensor& t, const at::Tensor& t_next) {
+  TORCH_CHECK(x_t.dim() >= 1, "flow step: x_t needs a leading row dimension");
+  const auto check_like = [&](const at::Tensor& other, const char* name) {
+    TORCH_CHECK(other.sizes() == x_t.sizes() && other.scalar_type() == x_t.scalar_type(), "flow step: ", name,
+                " must match x_t in shape and dtype");
+    TORCH_CHECK(other.device() == x_t.device(), "flow step: all tensors must be on ", x_t.device(), ", got ",
+                other.device());
+  };
+  check_like(model_out, "model_out");
+  if (uncond_out) check_like(*uncond_out, "uncond_out");
+  if (x_pred) check_like(*x_pred, "x_pred");
+  for (const auto* times : {&t, &t_next}) {
+    TORCH_CHECK(times->dim() == 1 && times->size(0) == x_t.size(0) &&
+                    (times->scalar_type() == at::kFloat || times->scalar_type() == at::kDouble),
+                "flow step: t and t_next must be float32/float64 tensors of shape (", x_t.size(0), ",)");
+    TORCH_CHECK(times->device() == x_t.device(), "flow step: all tensors must be on ", x_t.device(), ", got ",
+                times->device());
+  }
+}
+
 namespace {
 
 constexpr int64_t kChunk = 1024;  // multiple of 4: a Philox block never straddles two work items
@@ -53,8 +76,14 @@ constexpr int64_t kChunk = 1024;  // multiple of 4: a Philox block never straddl
 // m = u + scale * (c - u) when guided. z: the given noise or, when null, Philox noise generated into
 // buf on the first row that draws noise. A clone per vector width, picked at load time: one thread
 // keeps more cache lines in flight with wider loads (the loop is memory bound). No FMA in any clone
-// (contraction is off), so every clone gives the generic kernel's bits.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// (contraction is off), so every clone gives the generic kernel's bits. The clones are x86 only: the
+// attribute does not compile for other targets (aarch64), which get the one generic version.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TF_SAMPLER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TF_SAMPLER_CLONES
+#endif
+TF_SAMPLER_CLONES
 void step_chunk_f32(int64_t begin, int64_t end, int64_t row_size, const StepCoefficients* coefficients,
                     const float* __restrict x, const float* __restrict cond, const float* __restrict uncond,
                     float scale, const float* __restrict given_noise, uint64_t seed, float* __restrict buf,
@@ -187,7 +216,47 @@ at::Tensor sampler_step_cpu(StepKind kind, const at::Tensor& x_t_in, const at::T
   return out;
 }
 
+// Euler (x_pred absent) or Heun corrector (x_pred given) step of every row from t to t_next.
+at::Tensor flow_step_cpu(const at::Tensor& x_t_in, const std::optional<at::Tensor>& x_pred_in,
+                         const at::Tensor& model_out_in, const std::optional<at::Tensor>& uncond_in,
+                         const at::Tensor& t_in, const at::Tensor& t_next_in, double cfg_scale) {
+  check_flow_step_args(x_t_in, x_pred_in, model_out_in, uncond_in, t_in, t_next_in);
+  const at::Tensor x_t = x_t_in.contiguous(), model_out = model_out_in.contiguous();
+  const at::Tensor t = t_in.to(at::kDouble).contiguous(), t_next = t_next_in.to(at::kDouble).contiguous();
+  const int64_t rows = x_t.size(0);
+  const double* t_data = t.const_data_ptr<double>();
+  const double* t_next_data = t_next.const_data_ptr<double>();
+  std::vector<StepCoefficients> coefficients(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    // Written so that NaN fails it too.
+    TORCH_CHECK(t_next_data[r] >= 0.0 && t_next_data[r] < t_data[r] && t_data[r] <= 1.0, "flow step: row ", r,
+                " needs 0 <= t_next < t <= 1, got t=", t_data[r], " t_next=", t_next_data[r]);
+    coefficients[r] = flow_coefficients(x_pred_in.has_value(), t_data[r], t_next_data[r]);
+  }
+  at::Tensor uncond, x_pred;
+  if (uncond_in) uncond = uncond_in->contiguous();
+  if (x_pred_in) x_pred = x_pred_in->contiguous();
+  at::Tensor out = at::empty_like(x_t);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "flow_step_cpu", [&] {
+    // Heun's predictor point rides in the noise slot with its coefficient 1/2 (philox.h).
+    step_cpu_kernel<scalar_t>(coefficients, x_t, model_out, uncond_in ? &uncond : nullptr, cfg_scale,
+                              x_pred_in ? &x_pred : nullptr, 0, out);
+  });
+  return out;
+}
+
 }  // namespace
+
+at::Tensor euler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond_out,
+                          const at::Tensor& t, const at::Tensor& t_next, double cfg_scale) {
+  return flow_step_cpu(x_t, std::nullopt, model_out, uncond_out, t, t_next, cfg_scale);
+}
+
+at::Tensor heun_step_cpu(const at::Tensor& x_t, const at::Tensor& x_pred, const at::Tensor& model_out,
+                         const std::optional<at::Tensor>& uncond_out, const at::Tensor& t, const at::Tensor& t_next,
+                         double cfg_scale) {
+  return flow_step_cpu(x_t, x_pred, model_out, uncond_out, t, t_next, cfg_scale);
+}
 
 at::Tensor ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond_out,
                          const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
@@ -210,11 +279,17 @@ TORCH_LIBRARY_FRAGMENT(transfusion_fast, m) {
         "Tensor alphas_cumprod, int prediction, float cfg_scale, Tensor? noise, int? seed) -> Tensor");
   m.def("ddim_step(Tensor x_t, Tensor model_out, Tensor? uncond_out, Tensor t, Tensor t_prev, "
         "Tensor alphas_cumprod, int prediction, float eta, float cfg_scale, Tensor? noise, int? seed) -> Tensor");
+  m.def("euler_step(Tensor x_t, Tensor model_out, Tensor? uncond_out, Tensor t, Tensor t_next, float cfg_scale) "
+        "-> Tensor");
+  m.def("heun_step(Tensor x_t, Tensor x_pred, Tensor model_out, Tensor? uncond_out, Tensor t, Tensor t_next, "
+        "float cfg_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(transfusion_fast, CPU, m) {
   m.impl("ddpm_step", &ddpm_step_cpu);
   m.impl("ddim_step", &ddim_step_cpu);
+  m.impl("euler_step", &euler_step_cpu);
+  m.impl("heun_step", &heun_step_cpu);
 }
 
 }  // namespace transfusion_fast

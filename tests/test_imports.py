@@ -18,7 +18,8 @@ LAYERS = [
     ("ops", ("transfusion_fast.ops",)),
     ("config", ("transfusion_fast.config", "transfusion_fast.hf_weights")),
     ("model", ("transfusion_fast.pack", "transfusion_fast.generate", "transfusion_fast.model",
-               "transfusion_fast.checkpoint", "transfusion_fast.testing", "transfusion_fast.hf")),
+               "transfusion_fast.checkpoint", "transfusion_fast.testing", "transfusion_fast.hf",
+               "transfusion_fast.encoders", "transfusion_fast.codec", "transfusion_fast.ema")),
     ("package", ("transfusion_fast",)),
     ("application", ("transfusion_fast.app", "transfusion_fast.__main__")),
 ]

@@ -13,9 +13,12 @@ from .model import Model
 from .pack import Batch, SpanData, pack
 from .generate import generate
 from .checkpoint import load_checkpoint, load_config, save_checkpoint
+from .codec import LatentCodec, Latents
+from .ema import EMA
 
 __version__ = "0.1.0"
 
 __all__ = ["Layout", "TileTable", "ops", "get_backend", "set_backend", "use_backend", "Schedule",
            "get_schedule", "Model", "ModelConfig", "ModalityConfig", "Batch", "SpanData", "pack",
-           "generate", "save_checkpoint", "load_checkpoint", "load_config", "__version__"]
+           "generate", "save_checkpoint", "load_checkpoint", "load_config", "LatentCodec", "Latents", "EMA",
+           "__version__"]

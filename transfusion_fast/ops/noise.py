@@ -200,7 +200,8 @@ def _attach_python_kernels():
     torch.library.register_fake("transfusion_fast::q_sample_philox", _fake_q_sample_philox)
 
 
-def _compiled():
+def noise_ops():
+    """The compiled q_sample ops, with their autograd formulas and fake kernels attached."""
     return _ext.ops(_attach_python_kernels)
 
 
@@ -221,7 +222,7 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, schedule: Schedule,
             noise = philox_normal_reference(seed, x0.numel(), x0.device).to(x0.dtype).reshape(x0.shape)
         return add_noise_reference(x0, timesteps, schedule, noise), noise
     sqrt_ab, sqrt_1m_ab = _q_sample_tables(schedule, x0.device)
-    ops = _compiled()
+    ops = noise_ops()
     if noise is None:
         return ops.q_sample_philox(x0, timesteps, sqrt_ab, sqrt_1m_ab, seed)
     return ops.q_sample(x0, timesteps, sqrt_ab, sqrt_1m_ab, noise), noise

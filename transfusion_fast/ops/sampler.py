@@ -1,4 +1,5 @@
-"""Sampler steps for generation: DDPM (ancestral) and DDIM, one fused op each, on packed rows.
+"""Sampler steps for generation: DDPM (ancestral) and DDIM, and the rectified-flow ODE steps Euler and
+Heun, one fused op each, on packed rows.
 
 Each step reads ``x_t``, the model output (and, for classifier-free guidance, the unconditional
 output: ``out = uncond + cfg_scale·(cond − uncond)``), converts the prediction (``"eps"``, ``"x0"``
@@ -15,12 +16,28 @@ Timesteps: :func:`inference_timesteps` uses the ``"trailing"`` spacing of diffus
 "Common diffusion noise schedules and sample steps are flawed"): the first step starts from the
 last train step T−1, the pure-noise end, rather than ``"leading"``'s T−T/n.
 
-Backends: ``reference`` runs the PyTorch twins (float64 arithmetic); ``auto`` and ``triton`` run the
-compiled kernels of csrc/sampler.cpp / csrc/sampler_cuda.cu on the tensor's device. There is no
+Flow steps (:func:`euler_step`, :func:`heun_step`; see :mod:`transfusion_fast.ops.flow` for the
+convention ``x_t = (1 − t)·x0 + t·ε``, ``v = ε − x0``): every row has its own continuous ``t`` and
+``t_next`` (float tensors, one entry per row, ``0 <= t_next < t <= 1``), the model output is the
+velocity, guided as above. Heun is a predictor/corrector pair of calls::
+
+    v = model(x, t)                                    # (cond and uncond for CFG)
+    x_pred = euler_step(x, v, t, t_next, ...)          # predictor: x + h·v
+    v_pred = model(x_pred, t_next)
+    x_next = heun_step(x, x_pred, v_pred, t, t_next, ...)   # x + h/2·(v + v_pred)
+
+The corrector writes ``x/2 + x_pred/2 + h/2·v_pred``, equal to ``x + h/2·(v + v_pred)`` because
+``x_pred − x = h·v``: the caller keeps ``x_pred`` (which it has anyway) and no guided velocity, and each
+call is one pass over its inputs with the same CFG arguments as every other step.
+
+Backends: ``reference`` runs the PyTorch twins (float64 arithmetic for DDPM / DDIM; for the flow steps
+the kernel's own arithmetic in float32 (float64 for float64 data), operation by operation, so that
+they give the same bits); ``auto`` and ``triton`` run the compiled kernels of csrc/sampler.cpp / csrc/sampler_cuda.cu on the tensor's device. There is no
 Triton version of these ops. Sampling is inference: the ops have no autograd.
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -28,12 +45,14 @@ import torch
 from .. import _ext
 from .. import backend as _backend
 from ..schedules import Schedule
+from .flow import check_flow_times
 from .noise import philox_normal_reference, predicted_eps, predicted_x0
 from .validation import (PREDICTIONS, check_like, check_prediction, check_rows, check_schedule, check_seed,
                          check_timesteps, resolve_seed)
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_step_reference", "ddim_step_reference", "inference_timesteps",
-           "check_step_inputs"]
+           "check_step_inputs", "euler_step", "heun_step", "euler_step_reference", "heun_step_reference",
+           "check_flow_step_inputs"]
 
 # csrc/philox.h: enum Prediction numbers the prediction types in the order of PREDICTIONS.
 _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTIONS)}
@@ -143,10 +162,20 @@ def _fake_ddim_step(x_t, model_out, uncond_out, t, t_prev, alphas_cumprod, predi
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
+def _fake_euler_step(x_t, model_out, uncond_out, t, t_next, cfg_scale):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
+def _fake_heun_step(x_t, x_pred, model_out, uncond_out, t, t_next, cfg_scale):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
 def _attach_python_kernels():
     """Fake (meta) kernels of the compiled sampler ops (run once; the steps have no gradient)."""
     torch.library.register_fake("transfusion_fast::ddpm_step", _fake_ddpm_step)
     torch.library.register_fake("transfusion_fast::ddim_step", _fake_ddim_step)
+    torch.library.register_fake("transfusion_fast::euler_step", _fake_euler_step)
+    torch.library.register_fake("transfusion_fast::heun_step", _fake_heun_step)
 
 
 def _compiled():
@@ -194,3 +223,82 @@ def ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, t_pre
     table = schedule.alphas_cumprod_on(x_t.device, torch.float64)
     return _compiled().ddim_step(x_t, model_out, uncond_out, t, t_prev, table, _PREDICTION_CODES[prediction],
                                  float(eta), float(cfg_scale), noise, seed)
+
+
+# ----------------------------------------------------------------------------- flow steps
+def check_flow_step_inputs(x_t, model_out, t, t_next, uncond_out, cfg_scale, x_pred=None) -> None:
+    check_rows("x_t", x_t)
+    if x_pred is not None:
+        check_like("x_pred", x_pred, x_t, "x_t")
+    check_like("model_out", model_out, x_t, "x_t")
+    check_flow_times("t", t, x_t.shape[0], x_t.device)
+    check_flow_times("t_next", t_next, x_t.shape[0], x_t.device)
+    if t.numel() and bool((t_next >= t).any()):
+        row = int((t_next >= t).nonzero()[0, 0])
+        raise ValueError(f"t_next must be < t in every row (a step goes toward the data, t = 0), got "
+                         f"t={float(t[row])!r} t_next={float(t_next[row])!r} in row {row}")
+    if uncond_out is not None:
+        check_like("uncond_out", uncond_out, x_t, "x_t")
+    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite float, got {cfg_scale!r}")
+    if uncond_out is None and cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale={cfg_scale} needs uncond_out (the unconditional model output)")
+
+
+def _flow_step_reference(x_t, x_pred, model_out, t, t_next, uncond_out, cfg_scale):
+    """The compiled kernel's arithmetic, one rounded operation at a time: out = cx·x + cm·m (+ cz·x_pred)
+    with m = u + s·(c − u) in float32 (float64 for float64 data) and the per-row coefficients of
+    csrc/philox.h (flow_coefficients) computed in float64 and rounded once."""
+    compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    shape = (-1, *([1] * (x_t.dim() - 1)))
+    h = t_next.double() - t.double()
+    m = model_out.to(compute)
+    if uncond_out is not None:
+        u = uncond_out.to(compute)
+        m = u + float(cfg_scale) * (m - u)
+    if x_pred is None:
+        out = x_t.to(compute) + h.to(compute).reshape(shape) * m
+    else:
+        out = 0.5 * x_t.to(compute) + (0.5 * h).to(compute).reshape(shape) * m + 0.5 * x_pred.to(compute)
+    return out.to(x_t.dtype)
+
+
+def euler_step_reference(x_t, model_out, t, t_next, *, uncond_out=None, cfg_scale=1.0) -> torch.Tensor:
+    """Euler step ``x + (t_next − t)·v`` with ``v`` the (guided) velocity, in plain PyTorch."""
+    return _flow_step_reference(x_t, None, model_out, t, t_next, uncond_out, cfg_scale)
+
+
+def heun_step_reference(x_t, x_pred, model_out, t, t_next, *, uncond_out=None, cfg_scale=1.0) -> torch.Tensor:
+    """Heun corrector ``x/2 + x_pred/2 + (t_next − t)/2·v(x_pred)`` in plain PyTorch."""
+    return _flow_step_reference(x_t, x_pred, model_out, t, t_next, uncond_out, cfg_scale)
+
+
+def euler_step(x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, *,
+               uncond_out: torch.Tensor | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
+    """One Euler step of the flow ODE per row from ``t`` to ``t_next``: ``x_t + (t_next − t)·v``.
+
+    ``x_t``: ``(N, ...)`` floating rows; ``model_out``: the velocity prediction at ``(x_t, t)``, same
+    shape and dtype; with ``uncond_out`` it is guided first: ``uncond + cfg_scale·(model_out −
+    uncond)``. ``t``, ``t_next``: float32/float64 ``(N,)`` with ``0 <= t_next < t <= 1``. Also Heun's
+    predictor. Returns a contiguous tensor like ``x_t``; no gradient (inference).
+    """
+    check_flow_step_inputs(x_t, model_out, t, t_next, uncond_out, cfg_scale)
+    if _backend.get_backend() == "reference":
+        return euler_step_reference(x_t, model_out, t, t_next, uncond_out=uncond_out, cfg_scale=cfg_scale)
+    return _compiled().euler_step(x_t, model_out, uncond_out, t, t_next, float(cfg_scale))
+
+
+def heun_step(x_t: torch.Tensor, x_pred: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor,
+              t_next: torch.Tensor, *, uncond_out: torch.Tensor | None = None,
+              cfg_scale: float = 1.0) -> torch.Tensor:
+    """Heun's corrector per row: ``x_t/2 + x_pred/2 + (t_next − t)/2·v``, second order in the step.
+
+    ``x_pred``: the predictor :func:`euler_step` ``(x_t, v(x_t, t), t, t_next)``; ``model_out``: the
+    velocity prediction at ``(x_pred, t_next)`` (guided with ``uncond_out`` / ``cfg_scale`` as in
+    :func:`euler_step`). The result equals ``x_t + (t_next − t)/2·(v(x_t, t) + v(x_pred, t_next))``.
+    Shapes, dtypes and times as in :func:`euler_step`.
+    """
+    check_flow_step_inputs(x_t, model_out, t, t_next, uncond_out, cfg_scale, x_pred=x_pred)
+    if _backend.get_backend() == "reference":
+        return heun_step_reference(x_t, x_pred, model_out, t, t_next, uncond_out=uncond_out, cfg_scale=cfg_scale)
+    return _compiled().heun_step(x_t, x_pred, model_out, uncond_out, t, t_next, float(cfg_scale))
