@@ -1,9 +1,16 @@
-"""The compiled block-sparse CPU attention (csrc/attention_cpu.cpp), with autograd and fake kernels.
+"""The compiled block-sparse CPU attention (csrc/attention_cpu*), with autograd and fake kernels.
 
 :func:`cpu_attention` is what ``transfusion_fast.ops.attention`` runs under the ``auto`` backend on
 CPU tensors (after it validated its inputs). The kernels walk the Layout's tile tables, the same
 ones the Triton kernels read: skipped tiles are never touched, full tiles skip the mask, memory is
 O(T·H·D) for any layout.
+
+Which hand-written kernels run is chosen by CPU feature at load time (the best of ``"avx512"``,
+``"avx2"``, ``"portable"``): :func:`set_cpu_isa` / :func:`use_cpu_isa` or the environment variable
+``TRANSFUSION_FAST_CPU_ISA`` (read the first time the kernels are used) force another one the CPU can
+run, :func:`cpu_isa` says which is in use and :func:`available_cpu_isas` which ones this CPU runs.
+``"portable"`` is BLAS products with compiler-vectorized passes, what non-x86 CPUs run.
+docs/cpu_attention.md describes the paths.
 
 Structure: the C++ ops ``transfusion_fast::attention_cpu_fwd`` and ``attention_cpu_bwd`` are plain
 kernels, wrapped here as the custom ops ``transfusion_fast::cpu_attention`` / ``cpu_attention_backward``.
@@ -13,15 +20,74 @@ traces through it.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from .. import _ext
 from ..layout import Layout, TileTable
 
-__all__ = ["cpu_attention", "FORWARD_BLOCKS", "BACKWARD_BLOCKS", "SUPPORTED_DTYPES"]
+__all__ = ["cpu_attention", "FORWARD_BLOCKS", "BACKWARD_BLOCKS", "SUPPORTED_DTYPES", "CPU_ISAS",
+           "CPU_ISA_ENV", "cpu_isa", "set_cpu_isa", "use_cpu_isa", "available_cpu_isas"]
+
+#: Every ISA path of the CPU attention, best first; a CPU runs a subset (:func:`available_cpu_isas`).
+CPU_ISAS = ("avx512", "avx2", "portable")
+#: Environment variable naming the ISA path to run instead of the best one the CPU has.
+CPU_ISA_ENV = "TRANSFUSION_FAST_CPU_ISA"
+
+
+def _isa_from_environment() -> None:
+    name = os.environ.get(CPU_ISA_ENV, "").strip()
+    if name:
+        _set_isa(name, f"{CPU_ISA_ENV}={name!r}")
+
+
+def _ops():
+    """The extension's ops, with ``TRANSFUSION_FAST_CPU_ISA`` applied the first time."""
+    return _ext.ops(_isa_from_environment)
+
+
+def _set_isa(name: str, what: str) -> str:
+    if name not in CPU_ISAS:
+        raise ValueError(f"{what}: the CPU attention ISA must be one of {CPU_ISAS}, got {name!r}")
+    available = tuple(_ext.ops().attention_cpu_isas())
+    if name not in available:
+        raise ValueError(f"{what}: this CPU cannot run the {name!r} path of the CPU attention; it runs "
+                         f"{tuple(reversed(available))}")
+    return _ext.ops().attention_cpu_set_isa(name)
+
+
+def available_cpu_isas() -> tuple[str, ...]:
+    """The ISA paths this CPU (and build) can run, best first; always ends with ``"portable"``."""
+    return tuple(reversed(_ops().attention_cpu_isas()))
+
+
+def cpu_isa() -> str:
+    """The ISA path the CPU attention runs now: ``"avx512"``, ``"avx2"`` or ``"portable"``."""
+    return _ops().attention_cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU attention's ``name`` path from now on; returns the previous one.
+
+    Raises ValueError for an unknown name or one this CPU cannot run (see :func:`available_cpu_isas`).
+    """
+    _ops()
+    return _set_isa(name, f"set_cpu_isa(name={name!r})")
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """Run the block with the CPU attention's ``name`` path, restoring the previous one after."""
+    previous = set_cpu_isa(name)
+    try:
+        yield name
+    finally:
+        _ext.ops().attention_cpu_set_isa(previous)
 
 #: Tile sizes (query rows, keys) of the forward and of the backward kernel. The kernels merge
-#: consecutive visited tiles into wider BLAS calls (csrc/attention_cpu.cpp, kForwardGemmCols /
+#: consecutive visited tiles into wider products (csrc/attention_cpu_fwd.cpp / _bwd.cpp, kForwardGemmCols /
 #: kBackwardGemmRows) and, inside a tile, follow the documents and the rows' intervals (masked work
 #: in 32-wide sub-blocks), so the tile sizes mostly set the task granularity. Measured on a 2-thread
 #: AVX-512 Xeon (fp32, 8 heads, head_dim 64, T = 2,048 Transfusion layout): forward 128 x 64 ~3%
@@ -47,7 +113,7 @@ def _cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_star
     """o (Tq, Hq, D) in q's dtype and lse (Hq, Tq) in the compute dtype (fp32, or fp64 for fp64).
 
     kv_start / kv_end are the rows' key intervals (Layout), kv_lo.. the (block_m, block_n) tile table."""
-    return _ext.ops().attention_cpu_fwd(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo,
+    return _ops().attention_cpu_fwd(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo,
                                         kv_full_hi, block_m, block_n, scale)
 
 
@@ -70,7 +136,7 @@ def _cpu_attention_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.T
 
     The kernel computes delta_i = Σ_d dO·O itself; a gradient flowing into the LSE (``grad_lse``)
     adds grad_lse_i · P_ij to dS_ij (∂lse_i/∂s_ij = P_ij), the same as subtracting it from delta."""
-    return _ext.ops().attention_cpu_bwd(grad_o, q, k, v, o, lse, grad_lse, kv_start, kv_end, q_start, q_end,
+    return _ops().attention_cpu_bwd(grad_o, q, k, v, o, lse, grad_lse, kv_start, kv_end, q_start, q_end,
                                         q_lo, q_hi, q_full_lo, q_full_hi, block_m, block_n, scale)
 
 
