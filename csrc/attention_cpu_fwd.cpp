@@ -35,8 +35,13 @@ void heads_dim_tokens(Isa isa, const at::Tensor& x, T* dst, int64_t ld) {
 
 // Keys per forward GEMM: consecutive visited key tiles of a row tile are merged up to this many
 // columns; the online softmax then runs once over the wide score block, and fewer, longer products
-// amortize each register tile's setup (docs/cpu_attention.md has the sweep).
+// amortize each register tile's setup. The block_m x cols score block is written, read and
+// rewritten by the softmax and read again by P V: it has to stay in the L2 cache. AVX2 machines
+// (AMD Zen: 512 KiB of L2 per core) take 256 columns (128 KiB at block_m 128), the AVX-512 Xeons
+// (1-2 MiB) 1,024; docs/cpu_attention.md has the sweeps.
 constexpr int64_t kForwardGemmCols = 1024;
+constexpr int64_t kForwardGemmColsAvx2 = 256;
+constexpr int64_t forward_gemm_cols(Isa isa) { return isa == Isa::kAvx2 ? kForwardGemmColsAvx2 : kForwardGemmCols; }
 
 // Document-aware walk inside a row tile. Where a row tile holds the end of one document and the
 // start of the next, the union of its rows' key intervals covers both documents: the rows of each
@@ -64,7 +69,7 @@ void forward_kernel(const at::Tensor& q, const T* ktp, int64_t ldkt, const at::T
   for (int64_t t = 0; t < g.hq * num_m; ++t) work[t] = kv_hi[t % num_m] - kv_lo[t % num_m];
 
   // A multiple of 16: the vector softmax passes read and write whole vectors of a score row.
-  const int64_t max_cols = round_up(std::max<int64_t>(kForwardGemmCols, g.bn), 16);
+  const int64_t max_cols = round_up(std::max<int64_t>(forward_gemm_cols(isa), g.bn), 16);
   run_tasks<T>(heaviest_first(work), g.bm * (max_cols + g.d + 2), [&](T* scratch) {
     return [=, &g](int64_t t) {
       const int64_t h = t / num_m, m = t % num_m, hk = h / g.group;

@@ -292,6 +292,22 @@ def test_isa_paths_agree_closely():
             _assert_close(got, want, (1e-5, 1e-5), f"{name} vs portable {what}")
 
 
+@pytest.mark.parametrize("cu", [[0, 300], [0, 100, 170, 300]], ids=["one document", "three documents"])
+def test_dense_documents_take_the_faster_forward(isa, cu, monkeypatch):
+    # A layout dense per document: the paths whose own forward is slower than ATen's flash kernel
+    # there hand it the forward (the backward stays this kernel's); values, LSE and gradients (GQA,
+    # a differentiated LSE) must match the reference either way.
+    from transfusion_fast.ops import _cpu_attention
+    calls = []
+    original = _cpu_attention._aten_dense_forward
+    monkeypatch.setattr(_cpu_attention, "_aten_dense_forward", lambda *a: calls.append(1) or original(*a))
+    _check_against_reference(Layout.bidirectional(torch.tensor(cu)), 4, 2, 64, torch.float32)
+    assert bool(calls) == (isa in _cpu_attention.ATEN_FORWARD_FOR_DENSE_DOCUMENTS)
+    calls.clear()
+    _check_against_reference(transfusion_example(2, 40, 20), 4, 2, 64, torch.float32)   # not dense
+    assert not calls
+
+
 def test_isa_selector_rejects_what_the_cpu_cannot_run():
     assert ISAS[-1] == "portable" and set(ISAS) <= set(CPU_ISAS)
     default = cpu_isa()
