@@ -408,6 +408,20 @@ def test_kernel_walks_only_the_tiles_of_the_table():
     _assert_close(got, want, TOLERANCES[torch.float32], "block-causal walk")
 
 
+@pytest.mark.parametrize("d", [20, 36])
+def test_head_dim_off_the_vector_width_through_the_raw_op(isa, d):
+    # The front only passes SUPPORTED_HEAD_DIMS (multiples of 16), the op itself takes any head_dim:
+    # partial vectors in the accumulator rescale, the transposes and the output rows.
+    layout = transfusion_example(2, 29, 23)
+    t = layout.num_keys
+    q, k, v = random_qkv(t, t, 4, 2, d)
+    got = _fwd_with_tables(q, k, v, layout, layout.tile_table(32, 32), 0.2)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+                                          v.repeat_interleave(2, 1).transpose(0, 1),
+                                          attn_mask=layout.dense_mask(), scale=0.2).transpose(0, 1)
+    _assert_close(got, want, TOLERANCES[torch.float32], f"head_dim {d}")
+
+
 def test_full_tiles_apply_no_mask():
     t, b = 128, 32
     cu = torch.tensor([0, t])
