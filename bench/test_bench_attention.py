@@ -9,9 +9,10 @@ too. The goals apply to each hand-written path's rows (avx512, avx2); the portab
 products, what non-x86 CPUs run) is reported without goals. The Triton kernels are not timed there
 (the interpreter is not a measurement) — the suite reports tile counts and density per layout
 instead. ``sdpa-unmasked`` (SDPA without a mask, on a layout that is one dense document: the
-same work) is the baseline a dense bidirectional layout must never be slower than. On CUDA, ``auto`` runs the Triton kernels and the summary shows TFLOP/s over visible
-elements (4·D·visible·heads flops forward; forward+backward counts 3.5× that, the FlashAttention
-convention of 2.5× for the backward).
+same work) is the baseline a dense bidirectional layout must never be slower than. On CUDA,
+``auto`` runs the Triton kernels and the summary shows TFLOP/s over visible elements
+(4·D·visible·heads flops forward; forward+backward counts 3.5× that, the FlashAttention convention
+of 2.5× for the backward).
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def _cases() -> list[AttnCase]:
                   ("fwd", "sdpa-causal", "per_work"): 0.85,
                   ("fwd+bwd", "sdpa-causal", "per_work"): 0.85,
                   ("fwd", "flex-compiled", "speedup"): 1.0}
-        never_slower = {(pass_, base, "speedup"): 1.0 for pass_ in PASSES for base in ("sdpa-dense", "sdpa-unmasked")}
+        never_slower = {(pass_, base, "speedup"): 1.0
+                        for pass_ in PASSES for base in ("sdpa-dense", "sdpa-unmasked")}
         return [
             AttnCase("transfusion 7x256 T=2048", lambda d: transfusion_example(7, 256, 32, device=d), 8, 64, f32, "transfusion", target),
             AttnCase("transfusion 3x256 T=1024", lambda d: transfusion_example(3, 256, 64, device=d), 8, 64, f32, "transfusion",
@@ -102,7 +104,6 @@ def _cases() -> list[AttnCase]:
 
 CASES = _cases()
 BASELINES = ("sdpa-dense", "sdpa-unmasked", "sdpa-causal", "flex-compiled", "flash-attn", "xformers")
-#: the ISA paths of the CPU attention timed here (each its own row); on CUDA one "ours" row
 def _cpu_isas() -> tuple[str, ...]:
     try:
         return available_cpu_isas()
@@ -110,6 +111,7 @@ def _cpu_isas() -> tuple[str, ...]:
         return ()
 
 
+#: the ISA paths of the CPU attention timed here (each its own row); on CUDA one "ours" row
 ISAS = () if CONFIG.on_gpu else _cpu_isas()
 #: the paths whose rows carry the goals: the hand-written ones
 GOAL_ISAS = ("avx512", "avx2")
