@@ -32,6 +32,11 @@ namespace transfusion_fast::attention_cpu {
 namespace {
 
 bool cpu_has(Isa isa) {
+#if TF_X86_KERNELS
+  // The selection is initialized while the library loads, possibly before libgcc's own CPU
+  // detection constructor has run in this shared object.
+  __builtin_cpu_init();
+#endif
   switch (isa) {
     case Isa::kPortable: return true;
 #if TF_X86_KERNELS
