@@ -31,6 +31,16 @@ constexpr int64_t kBackwardGemmRows = 256;
 constexpr int64_t kMaskedCols = 32;
 constexpr int64_t kMinSegmentCols = 16;
 
+// Row stride of head_dim-wide rows copied out of a (T, H, D) tensor: padded so that it is never a
+// power of two.
+constexpr int64_t packed_stride(int64_t d) { return d % 32 == 0 ? d + 16 : d; }
+
+// dst[i * ld + d] = src[i * s0 + d] for `count` rows of `dim` elements.
+template <typename T>
+void copy_rows(const T* src, int64_t s0, int64_t count, int64_t dim, T* dst, int64_t ld) {
+  for (int64_t i = 0; i < count; ++i) std::copy_n(src + i * s0, dim, dst + i * ld);
+}
+
 template <typename T>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
@@ -96,8 +106,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       max_visited = std::max(max_visited, hi - lo);
     }
   }
-  const int64_t scratch_count =
-      2 * max_rows * g.bn + 2 * g.bn * g.d + 2 * g.d * ld_t + g.group * max_visited * g.d;
+  // The task's query rows, output gradient rows and keys, copied into contiguous rows of stride
+  // ld_rows: in (T, H, D) their D-wide pieces lie H * D apart, a power of two for the usual head
+  // counts, and a product's panel of up to max_rows such pieces then falls into a few L1 sets.
+  const int64_t ld_rows = packed_stride(g.d);
+  const int64_t scratch_count = 2 * max_rows * g.bn + 2 * g.bn * g.d + 2 * g.d * ld_t + g.group * max_visited * g.d +
+                                2 * g.group * max_visited * ld_rows + max_keys * ld_rows;
   run_tasks<T>(heaviest_first(work), scratch_count, [&](T* scratch) {
     return [=, &g, &bounds](int64_t t) {
       const int64_t hk = t / num_chunks, c = t % num_chunks;
@@ -108,9 +122,18 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       T* kt_t = dV + g.bn * g.d;
       T* vt_t = kt_t + g.d * ld_t;
       T* dq_rows = vt_t + g.d * ld_t;   // (group, max_visited, D)
+      T* q_rows = dq_rows + g.group * max_visited * g.d;     // (group, max_visited, ld_rows)
+      T* do_rows = q_rows + g.group * max_visited * ld_rows;  // (group, max_visited, ld_rows)
+      T* k_rows = do_rows + g.group * max_visited * ld_rows;  // (max_keys, ld_rows)
       const int64_t row0 = rows_lo[c], visited = rows_hi[c] - rows_lo[c];
       for (int64_t i = 0; i < g.group; ++i) std::fill_n(dq_rows + i * max_visited * g.d, visited * g.d, T(0));
       const int64_t k0 = bounds[c] * g.bn, k1 = std::min(bounds[c + 1] * g.bn, g.tk);
+      for (int64_t i = 0; i < g.group; ++i) {
+        const int64_t h = hk * g.group + i;
+        copy_rows(qp + row0 * sq0 + h * sq1, sq0, visited, g.d, q_rows + i * max_visited * ld_rows, ld_rows);
+        copy_rows(dop + row0 * sdo0 + h * sdo1, sdo0, visited, g.d, do_rows + i * max_visited * ld_rows, ld_rows);
+      }
+      copy_rows(kp + k0 * sk0 + hk * sk1, sk0, k1 - k0, g.d, k_rows, ld_rows);
       transpose_keys(isa, kp + k0 * sk0 + hk * sk1, sk0, k1 - k0, g.d, kt_t, ld_t);
       transpose_keys(isa, vp + k0 * sv0 + hk * sv1, sv0, k1 - k0, g.d, vt_t, ld_t);
       for (int64_t n = bounds[c]; n < bounds[c + 1]; ++n) {
@@ -123,18 +146,19 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const int64_t w = jb - ja;
           T* dKj = dK + (ja - c0) * g.d;
           T* dVj = dV + (ja - c0) * g.d;
-          const T* kj = kp + ja * sk0 + hk * sk1;
+          const T* kj = k_rows + (ja - k0) * ld_rows;
+          const int64_t head_rows = (h - hk * g.group) * max_visited - row0;   // + r: row r of head h
           for (int64_t r0 = r_lo; r0 < r_hi; r0 += max_rows) {
             const int64_t rows = std::min(max_rows, r_hi - r0);
-            const T* qt = qp + r0 * sq0 + h * sq1;
-            const T* dot = dop + r0 * sdo0 + h * sdo1;
-            probs_and_dscores(isa, w, rows, g.d, scale, kt_t + (ja - k0), vt_t + (ja - k0), ld_t, qt, sq0, dot, sdo0,
-                              mask_start ? mask_start + r0 : nullptr, kv_end + r0, ja, lp + h * g.tq + r0,
-                              deltap + h * g.tq + r0, P, dS, g.bn);                        // P, dS
-            gemm(isa, kN, kT, g.d, w, rows, T(1), dot, sdo0, P, g.bn, T(1), dVj, g.d);           // dV += P^T dO
-            gemm(isa, kN, kT, g.d, w, rows, scale, qt, sq0, dS, g.bn, T(1), dKj, g.d);           // dK += dS^T Q
-            gemm(isa, kN, kN, g.d, rows, w, scale, kj, sk0, dS, g.bn, T(1),
-                 dq_rows + ((h - hk * g.group) * max_visited + r0 - row0) * g.d, g.d);     // dQ += dS K
+            const T* qt = q_rows + (head_rows + r0) * ld_rows;
+            const T* dot = do_rows + (head_rows + r0) * ld_rows;
+            probs_and_dscores(isa, w, rows, g.d, scale, kt_t + (ja - k0), vt_t + (ja - k0), ld_t, qt, ld_rows, dot,
+                              ld_rows, mask_start ? mask_start + r0 : nullptr, kv_end + r0, ja, lp + h * g.tq + r0,
+                              deltap + h * g.tq + r0, P, dS, g.bn);                             // P, dS
+            gemm(isa, kN, kT, g.d, w, rows, T(1), dot, ld_rows, P, g.bn, T(1), dVj, g.d);       // dV += P^T dO
+            gemm(isa, kN, kT, g.d, w, rows, scale, qt, ld_rows, dS, g.bn, T(1), dKj, g.d);      // dK += dS^T Q
+            gemm(isa, kN, kN, g.d, rows, w, scale, kj, ld_rows, dS, g.bn, T(1),
+                 dq_rows + (head_rows + r0) * g.d, g.d);                                        // dQ += dS K
           }
         };
         // The table's query range and its full (mask-free) tiles; rows outside are never read.
