@@ -1,5 +1,6 @@
 """The public ops. Each validates its inputs, then runs the implementation the backend switch picks."""
 from .attention import attention, attention_reference
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .noise import (add_noise, add_noise_reference, diffusion_target, philox_normal_reference, predicted_eps,
                     predicted_x0)
 from .patchify import (patchify, patchify_packed, patchify_packed_reference, patchify_reference, unpatchify,
@@ -14,4 +15,5 @@ __all__ = ["attention", "attention_reference", "add_noise", "add_noise_reference
            "rms_norm_reference", "apply_rope", "apply_rope_reference", "swiglu", "swiglu_fused",
            "swiglu_reference", "diffusion_target", "predicted_x0", "predicted_eps", "philox_normal_reference",
            "ddpm_step", "ddpm_step_reference", "ddim_step", "ddim_step_reference", "inference_timesteps",
-           "patchify_packed", "patchify_packed_reference", "unpatchify_packed", "unpatchify_packed_reference"]
+           "patchify_packed", "patchify_packed_reference", "unpatchify_packed", "unpatchify_packed_reference",
+           "linear_cross_entropy", "linear_cross_entropy_reference"]
