@@ -26,7 +26,7 @@ import benchlib
 from benchlib import CONFIG, RECORD
 
 SUITE = "static kernels"
-KERNEL_FILES = ("attention", "rope", "swiglu", "rms_norm")
+KERNEL_FILES = ("attention", "rope", "swiglu", "rms_norm", "linear_cross_entropy")
 CACHE = Path(__file__).resolve().parent / "results" / "aot_cache.json"
 #: seconds of compiling per full run (the rest is pending for the next run); chunk = one subprocess
 BUDGET_S = 150
