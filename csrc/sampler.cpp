@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "philox.h"
 
 namespace transfusion_fast {
@@ -54,7 +55,7 @@ constexpr int64_t kChunk = 1024;  // multiple of 4: a Philox block never straddl
 // buf on the first row that draws noise. A clone per vector width, picked at load time: one thread
 // keeps more cache lines in flight with wider loads (the loop is memory bound). No FMA in any clone
 // (contraction is off), so every clone gives the generic kernel's bits.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TF_TARGET_CLONES
 void step_chunk_f32(int64_t begin, int64_t end, int64_t row_size, const StepCoefficients* coefficients,
                     const float* __restrict x, const float* __restrict cond, const float* __restrict uncond,
                     float scale, const float* __restrict given_noise, uint64_t seed, float* __restrict buf,
