@@ -8,6 +8,7 @@ Install with ``pip install -e . --no-build-isolation`` after ``pip install torch
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -25,6 +26,16 @@ nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or s
 with_cuda = bool(want_cuda and nvcc and cuda_sources)
 
 cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+# libstdc++ goes first on the link line (torch's own libraries follow). torch's wheels are built
+# with a toolchain that links parts of libstdc++ statically into libc10.so / libtorch.so and
+# exports them without symbol versions (std::ostringstream's constructor, stringbuf::str(), ...).
+# Linked after them, libstdc++ loses: the extension's references to those functions bind,
+# unversioned, to torch's private copies, while the rest of the stream machinery (the locale, the
+# num_put facet that formats integers) comes from the process's libstdc++.so.6, so the error
+# message of a TORCH_CHECK mixes two libstdc++ builds in one object. First on the line, every
+# standard-library reference is versioned (GLIBCXX_*) and resolves to libstdc++.so.6, which also
+# comes first among the extension's DT_NEEDED. tests/test_cpp_bad_input.py checks both.
+libraries = ["stdc++"] if sys.platform.startswith("linux") else []
 
 
 def cuda_library_headers() -> list:
@@ -42,6 +53,7 @@ if with_cuda:
         "transfusion_fast._C", cpp_sources + cuda_sources,
         include_dirs=[os.path.join(HERE, "csrc")] + cuda_library_headers(),
         define_macros=[("TF_WITH_CUDA", None)],
+        libraries=libraries,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math",
                                                       "-lineinfo"]},
         extra_link_args=["-fopenmp"],
@@ -50,6 +62,7 @@ else:
     extension = CppExtension(
         "transfusion_fast._C", cpp_sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        libraries=libraries,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
