@@ -59,7 +59,7 @@ COMPAT := .venv-torch-$(TORCH)
 test-compat:
 	@test -n "$(TORCH)" || { echo "usage: make test-compat TORCH=2.11.0" >&2; exit 2; }
 	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
-	grep -v -i -E '^(torch|triton|nvidia-|cuda-|setuptools)==' $(CONSTRAINTS) > $(COMPAT)/constraints.txt
+	grep -v -i -E '^((torch|triton|setuptools)==|(nvidia|cuda)-)' $(CONSTRAINTS) > $(COMPAT)/constraints.txt
 	$(COMPAT)/bin/python $(PIP_INSTALL) -c $(COMPAT)/constraints.txt "torch==$(TORCH)" \
 		"setuptools>=64" wheel -r requirements.txt -r requirements-test.txt
 	mkdir -p $(COMPAT)/src
