@@ -47,6 +47,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import hf_weights, ops
 from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
@@ -149,6 +150,14 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def full_precision(like: torch.Tensor):
+    """Autocast switched off for the block: the modality heads (timestep embedding, patch encoder
+    and decoder) run in the parameters' dtype. They hold a negligible share of the FLOPs, and
+    they carry what the diffusion loss is most sensitive to: the noised patches in, the predicted
+    noise out, and the timestep features (``docs/mixed_precision.md``)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int, freq_dim: int):
         super().__init__()
@@ -179,10 +188,18 @@ class ModalityHead(nn.Module):
             nn.init.zeros_(self.decoder.bias)
 
     def encode(self, x_t: torch.Tensor, t: torch.Tensor):
-        """x_t (N, P), t (N,) → embeddings (N, dim) and the block conditioning (N, dim) or None."""
-        if self.patch_add:
-            return self.encoder(x_t + self.time(t)), None
-        return self.encoder(x_t), self.time(t)
+        """x_t (N, P), t (N,) → embeddings (N, dim) and the block conditioning (N, dim) or None,
+        in the parameters' dtype (outside autocast: see :func:`full_precision`)."""
+        with full_precision(x_t):
+            x_t = x_t.to(self.encoder.weight.dtype)
+            if self.patch_add:
+                return self.encoder(x_t + self.time(t)), None
+            return self.encoder(x_t), self.time(t)
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Span rows of the final hidden state (N, dim) → the diffusion prediction (N, P)."""
+        with full_precision(h):
+            return self.decoder(h.to(self.decoder.weight.dtype))
 
 
 # ------------------------------------------------------------------------------------- model
@@ -218,19 +235,28 @@ class Model(nn.Module):
         cond = torch.zeros_like(h) if adaln else None
         is_span = torch.zeros(tokens.shape[0], 1, dtype=h.dtype, device=h.device) if adaln else None
         for name, (rows, x_t, t) in spans.items():
-            enc, c = self.heads[name].encode(x_t.to(h.dtype), t)     # (N, dim)
-            h = h.index_copy(0, rows, enc)
+            enc, c = self.heads[name].encode(x_t, t)                  # (N, dim)
+            h = h.index_copy(0, rows, enc.to(h.dtype))
             if adaln:
-                cond = cond.index_copy(0, rows, c)
+                cond = cond.index_copy(0, rows, c.to(h.dtype))
                 is_span = is_span.index_fill(0, rows, 1.0)
         return h, cond, is_span
 
     def forward_hidden(self, h: torch.Tensor, positions: torch.Tensor, axial: torch.Tensor | None,
                        layout: Layout, cond: torch.Tensor | None = None,
                        span_rows: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
-        """The blocks and the final norm: h (T, dim) → (T, dim). ``kv_cache`` for generation."""
+        """The blocks and the final norm: h (T, dim) → (T, dim). ``kv_cache`` for generation.
+
+        With ``config.activation_checkpointing`` (in training mode, with grad enabled) each block
+        keeps only its input for the backward and recomputes its activations there.
+        """
+        checkpointing = (self.config.activation_checkpointing and self.training and kv_cache is None
+                         and torch.is_grad_enabled())
         for block in self.layers:
-            h = block(h, positions, axial, layout, cond, span_rows, kv_cache)
+            if checkpointing:
+                h = checkpoint(block, h, positions, axial, layout, cond, span_rows, use_reentrant=False)
+            else:
+                h = block(h, positions, axial, layout, cond, span_rows, kv_cache)
         h = self.norm(h)
         if self.final_adaln is not None:
             shift, scale = (self.final_adaln(F.silu(cond)) * span_rows).chunk(2, dim=-1)
@@ -239,7 +265,7 @@ class Model(nn.Module):
 
     def decode_spans(self, h: torch.Tensor, name: str, rows: torch.Tensor) -> torch.Tensor:
         """The diffusion prediction (ε, v or x0 per config) of span rows: (N, P)."""
-        return self.heads[name].decoder(h[rows])
+        return self.heads[name].decode(h[rows])
 
     # ------------------------------------------------------------------ training
     def forward(self, batch) -> dict:

@@ -198,6 +198,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
     scale = check_attention_inputs(q, k, v, layout, scale)
     impl = _backend.resolve(q, "attention")
     if impl == "triton":
+        if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+            raise ValueError("attention: backend 'triton' runs bf16 on a GPU only; under TRITON_INTERPRET=1 "
+                             "(CPU tensors) tl.dot on bf16 inputs gives wrong results. Got bf16 q on "
+                             f"{q.device}: use float16/float32 inputs (autocast dtype=torch.float16) or "
+                             "the 'auto' backend")
         # Imported on first use, not at the top: the Triton path loads torch._dynamo (for its
         # torch.compile support), which would add seconds to `import transfusion_fast` on machines
         # that only ever run the CPU kernels. It is a downward import (ops <- kernels): no cycle.
