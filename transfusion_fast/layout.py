@@ -230,7 +230,7 @@ class Layout:
         device = torch.device(device)
         vectors = [getattr(self, name) for name in _VECTORS]
         tables = list(self._tables.values())
-        parts = vectors + [getattr(t, name) for t in tables for name in _TABLE_TENSORS]
+        parts = self.tensors()
         flat = torch.cat([t.reshape(-1) for t in parts])
         pinned = device.type == "cuda" and flat.device.type == "cpu"
         if pinned:   # an asynchronous copy: the host goes on packing the next batch
@@ -247,6 +247,11 @@ class Layout:
                 table.block_m, table.block_n, table.num_m_tiles, table.num_n_tiles,
                 *(next(views) for _ in _TABLE_TENSORS))
         return out
+
+    def tensors(self) -> list:
+        """Every tensor of the layout: the interval vectors, then each cached tile table's."""
+        return ([getattr(self, name) for name in _VECTORS]
+                + [getattr(t, name) for t in self._tables.values() for name in _TABLE_TENSORS])
 
     def visible_elements(self) -> int:
         """Number of (query, key) pairs that attend: the work of exact attention."""

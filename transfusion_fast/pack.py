@@ -82,10 +82,7 @@ class Batch:
                  self.span_timesteps, *([] if self.axial is None else [self.axial])]
         for s in self.spans.values():
             found += [s.rows, s.x0, s.x_t, s.noise, s.timesteps, s.span_index]
-        found += [t for t in vars(self.layout).values() if isinstance(t, torch.Tensor)]
-        for table in self.layout._tables.values():
-            found += [t for t in vars(table).values() if isinstance(t, torch.Tensor)]
-        return found
+        return found + self.layout.tensors()
 
     def mark_dynamic(self) -> "Batch":
         """Mark the leading dim of every tensor as dynamic for ``torch.compile`` (returns self).
