@@ -4,9 +4,16 @@
   keeps less (counted through saved-tensor hooks).
 * ``torch.compile(model, fullgraph=True)`` trains on packed batches of varying length with no graph
   break and at most two compilations over 20 batches, with the eager model's losses.
+* The fused LM loss: a training step at a 131,072-token vocabulary grows the peak memory by at most
+  2 GiB more than at 1,024 (issue 20's step, in a fresh process).
 """
 import copy
 import dataclasses
+import json
+import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -125,3 +132,60 @@ def test_whole_model_compiles_fullgraph_on_varying_batches():
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     for (name, p), q in zip(eager.named_parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------- LM loss memory
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transfusion_fast import ModalityConfig, Model, ModelConfig, ops, pack
+
+    vocab, dim, docs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(2)
+    image = ModalityConfig("image", channels=3, patch_size=2, max_size=16)
+    config = ModelConfig(vocab_size=vocab, dim=dim, depth=2, n_heads=dim // 64, modalities=(image,),
+                         max_seq_len=1024)
+    g = torch.Generator().manual_seed(0)
+    # Per document: BOS, 500 text tokens, BOI, 64 patches, EOI, EOS = 568 rows, 502 with a target.
+    samples = [[torch.randint(0, 256, (500,), generator=g), torch.rand(3, 16, 16, generator=g)]
+               for _ in range(docs)]
+    batch = pack(samples, config, seed=0, cfg_drop_prob=0.0)
+    torch.manual_seed(0)
+    model = Model(config)
+
+    def status_kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    small = pack([[torch.tensor([1, 2, 3])]], config, seed=0)
+    model(small)["loss"].backward()          # the libraries' one-time buffers, outside the measure
+    model.zero_grad(set_to_none=True)
+    before = status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:   # resets the peak RSS (VmHWM)
+        f.write("5")
+    out = model(batch)
+    out["loss"].backward()
+    growth = (status_kib("VmHWM") - before) * 1024
+    print(json.dumps({"growth_bytes": growth, "tokens": batch.num_tokens,
+                      "loss_rows": int(batch.loss_rows.numel()), "lm_loss": float(out["lm_loss"])}))
+""")
+
+
+def _step_growth(vocab: int, dim: int, docs: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(vocab), str(dim), str(docs)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_lm_loss_step_memory_at_a_large_vocabulary():
+    """Issue 20's step: dim 512, depth 2, 4,544 packed tokens of which 4,016 have a next-token
+    target. One forward + backward (fresh process, peak RSS growth over the RSS before the step)
+    at vocab 131,072 grows at most 2 GiB more than at vocab 1,024. The unfused LM loss held
+    4,016 × 131,072 fp32 logits (2 GiB) plus their log-softmax and gradient: about 6 GiB more."""
+    small, large = _step_growth(1024, 512, 8), _step_growth(131072, 512, 8)
+    assert small["tokens"] == large["tokens"] == 4544 and large["loss_rows"] == 4016
+    # A fresh model's loss starts near log(vocab): the LM head really ran over the vocabulary.
+    assert abs(large["lm_loss"] - math.log(131072)) < 1.0, large
+    assert large["growth_bytes"] - small["growth_bytes"] <= 2 * 2 ** 30, (small, large)

@@ -282,8 +282,11 @@ class Model(nn.Module):
 
         loss_rows = batch.loss_rows                                    # (M,) rows with a target
         if loss_rows.numel():
-            logits = self.output(h[loss_rows]).float()                 # (M, vocab)
-            lm_loss = F.cross_entropy(logits, batch.targets[loss_rows])
+            # The LM head and its cross-entropy fused, chunk by chunk of rows: the (M, vocab)
+            # logits never exist (ops.linear_cross_entropy; under autocast its matmuls run in the
+            # autocast dtype, the softmax and the loss in fp32).
+            lm_loss = ops.linear_cross_entropy(h[loss_rows], self.output.weight, batch.targets[loss_rows],
+                                               ignore_index=IGNORE_INDEX)
         else:
             lm_loss = self.output(h[:1]).float().sum() * 0.0
 
