@@ -167,7 +167,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     out["loss"].backward()
     growth = (status_kib("VmHWM") - before) * 1024
     print(json.dumps({"growth_bytes": growth, "tokens": batch.num_tokens,
-                      "loss_rows": int(batch.loss_rows.numel()), "lm_loss": float(out["lm_loss"])}))
+                      "loss_rows": int(batch.loss_rows.numel()), "lm_loss": float(out["lm_loss"].detach())}))
 """)
 
 
