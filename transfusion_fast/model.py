@@ -34,6 +34,10 @@ Public API (stable)::
   with fresh modality heads; ``Model.text_logits(ids)``: next-token logits of text-only input.
 * ``Model.embed`` / ``Model.forward_hidden`` / ``Model.decode_spans``: the pieces the generator
   reuses with a KV cache.
+* Mixed precision: run ``model(batch)`` under ``torch.autocast`` (bf16, or fp16 with a GradScaler)
+  with fp32 parameters; the residual stream, norms' statistics, modality heads and losses stay fp32.
+  ``ModelConfig.activation_checkpointing``: per-block recomputation in the backward.
+  ``torch.compile(model, fullgraph=True)`` traces the whole training forward (docs/training_at_scale.md).
 * Distributed: wrap in DDP, or ``fully_shard`` each of ``model.layers`` then the model (FSDP2).
   Modality heads absent from a rank's batch join its loss with weight 0, so every rank uses
   every parameter.
@@ -154,7 +158,7 @@ def full_precision(like: torch.Tensor):
     """Autocast switched off for the block: the modality heads (timestep embedding, patch encoder
     and decoder) run in the parameters' dtype. They hold a negligible share of the FLOPs, and
     they carry what the diffusion loss is most sensitive to: the noised patches in, the predicted
-    noise out, and the timestep features (``docs/mixed_precision.md``)."""
+    noise out, and the timestep features (``docs/training_at_scale.md``)."""
     return torch.autocast(like.device.type, enabled=False)
 
 
