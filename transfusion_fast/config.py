@@ -101,6 +101,8 @@ class ModelConfig:
     cfg_drop_prob: float = 0.1         # pack drops the text before a sample's first span this often
     max_seq_len: int = 2048
     time_freq_dim: int = 256           # sinusoidal features of the timestep embedding
+    # Training-time memory settings (they change no result: gradients equal the plain run).
+    activation_checkpointing: bool = False  # each block recomputes its activations in the backward
 
     def __post_init__(self):
         mods = tuple(ModalityConfig(**m) if isinstance(m, dict) else m for m in self.modalities)
@@ -123,7 +125,9 @@ class ModelConfig:
             positive_int(name)
         if self.ffn_hidden_size is not None:
             positive_int("ffn_hidden_size")
-        _require(isinstance(self.qkv_bias, bool), f"ModelConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
+        for name in ("qkv_bias", "activation_checkpointing"):
+            _require(isinstance(getattr(self, name), bool),
+                     f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         _require(self.n_heads % self.n_kv_heads == 0,
                  f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                  f"({self.n_kv_heads}) for grouped-query attention")
