@@ -2,6 +2,7 @@
 from .attention import attention, attention_reference
 from .flow import (flow_inference_timesteps, flow_interpolate, flow_interpolate_reference, flow_target,
                    sample_flow_timesteps, shift_timesteps)
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .noise import (add_noise, add_noise_reference, diffusion_target, philox_normal_reference, predicted_eps,
                     predicted_x0)
 from .patchify import (patchify, patchify_packed, patchify_packed_reference, patchify_reference, unpatchify,
@@ -20,4 +21,4 @@ __all__ = ["attention", "attention_reference", "add_noise", "add_noise_reference
            "patchify_packed", "patchify_packed_reference", "unpatchify_packed", "unpatchify_packed_reference",
            "euler_step", "euler_step_reference", "heun_step", "heun_step_reference", "flow_interpolate",
            "flow_interpolate_reference", "flow_target", "sample_flow_timesteps", "shift_timesteps",
-           "flow_inference_timesteps"]
+           "flow_inference_timesteps", "linear_cross_entropy", "linear_cross_entropy_reference"]
