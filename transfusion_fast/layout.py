@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import MAX_SIZE, check_bool, check_int, describe
+
 __all__ = ["Layout", "TileTable"]
 
 
@@ -120,6 +122,7 @@ class Layout:
 
     def __init__(self, cu_seqlens: torch.Tensor, spans: torch.Tensor | None = None, *,
                  bidirectional: bool = False, q_lens: torch.Tensor | None = None):
+        bidirectional = check_bool("bidirectional", bidirectional)
         cu = _check_cu_seqlens(cu_seqlens)
         device = cu.device
         num_docs = cu.numel() - 1
@@ -268,9 +271,8 @@ class Layout:
 
     def tile_table(self, block_m: int, block_n: int) -> TileTable:
         """Walk tables for ``block_m`` query rows × ``block_n`` keys, computed once and cached."""
-        for name, value in (("block_m", block_m), ("block_n", block_n)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        block_m = check_int("block_m", block_m, 1, MAX_SIZE)
+        block_n = check_int("block_n", block_n, 1, MAX_SIZE)
         key = (block_m, block_n)
         if key not in self._tables:
             nm, nn, kv_lo, kv_hi, kv_flo, kv_fhi = _tile_ranges(
@@ -293,6 +295,19 @@ class Layout:
 
 
 # --------------------------------------------------------------------------------- validation
+def _as_int_tensor(name: str, values, device) -> torch.Tensor:
+    """A nested list of Python ints as an int64 tensor; floats and bools are refused, not truncated."""
+    try:
+        tensor = torch.as_tensor(values, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"{name} must be an integer tensor or a nested list of ints, got {describe(values)} "
+                         f"({error})") from None
+    if tensor.numel() and tensor.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must hold ints, got {tensor.dtype} values (floats and bools are not "
+                         f"truncated): {describe(values)}")
+    return tensor.long()
+
+
 def _check_cu_seqlens(cu: torch.Tensor) -> torch.Tensor:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
@@ -304,6 +319,9 @@ def _check_cu_seqlens(cu: torch.Tensor) -> torch.Tensor:
     cu = cu.long()
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    if int(cu[-1]) > MAX_SIZE:
+        raise ValueError(f"cu_seqlens: the packed length must be at most {MAX_SIZE} tokens (the kernels index "
+                         f"rows and keys with int32), got {int(cu[-1])}")
     lengths = cu[1:] - cu[:-1]
     if bool((lengths <= 0).any()):
         bad = int(torch.nonzero(lengths <= 0)[0, 0])
@@ -316,7 +334,7 @@ def _check_spans(spans, cu: torch.Tensor, bidirectional: bool) -> torch.Tensor:
     if spans is None:
         return torch.zeros(0, 2, dtype=torch.int64, device=cu.device)
     if not isinstance(spans, torch.Tensor):
-        spans = torch.as_tensor(spans, dtype=torch.int64, device=cu.device)
+        spans = _as_int_tensor("spans", spans, cu.device)
     if spans.numel() == 0:
         return torch.zeros(0, 2, dtype=torch.int64, device=cu.device)
     if spans.dtype not in (torch.int32, torch.int64):
@@ -359,7 +377,7 @@ def _check_spans(spans, cu: torch.Tensor, bidirectional: bool) -> torch.Tensor:
 
 def _check_q_lens(q_lens, doc_len: torch.Tensor) -> torch.Tensor:
     if not isinstance(q_lens, torch.Tensor):
-        q_lens = torch.as_tensor(q_lens, dtype=torch.int64, device=doc_len.device)
+        q_lens = _as_int_tensor("q_lens", q_lens, doc_len.device)
     if q_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"q_lens must be int32 or int64, got {q_lens.dtype}")
     if q_lens.shape != doc_len.shape:

@@ -57,6 +57,7 @@ from . import hf_weights, ops
 from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
 from .generate import generate
 from .layout import Layout
+from .pack import check_batch_config
 from .schedules import get_schedule
 
 __all__ = ["ModalityConfig", "ModelConfig", "Model", "Block", "Attention", "FeedForward",
@@ -280,6 +281,7 @@ class Model(nn.Module):
         of each span's MSE against the configured target; ``diffusion_loss/<modality>`` per
         modality present in the batch; ``lm_tokens`` and ``spans`` counts.
         """
+        check_batch_config(batch, self.config)
         spans_in = {name: (s.rows, s.x_t, s.timesteps) for name, s in batch.spans.items()}
         h, cond, span_rows = self.embed(batch.tokens, spans_in)
         h = self.forward_hidden(h, batch.positions, batch.axial, batch.layout, cond, span_rows)

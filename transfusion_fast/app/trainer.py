@@ -14,15 +14,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checks import MAX_SIZE, check_float, check_int
 from ..config import ModelConfig
 from ..model import Model
 from ..pack import pack
 from .presets import preset
 
-__all__ = ["train", "CHECKPOINT_NAME", "PRECISIONS", "autocast"]
+__all__ = ["train", "CHECKPOINT_NAME", "MAX_TRAIN_SEED", "PRECISIONS", "autocast"]
 
 #: the file a run directory keeps its checkpoint in
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: Largest seed of a run: every pack seed ``seed * 1_000_003 + step`` stays below 2**63.
+MAX_TRAIN_SEED = 2 ** 32 - 1
 #: --precision: fp32 parameters always; "bf16" / "fp16" run the forward under torch.autocast
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,8 +80,10 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
     warmup = defaults.warmup if warmup is None else warmup
     checkpoint_every = defaults.checkpoint_every if checkpoint_every is None else checkpoint_every
     for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value, 1, MAX_SIZE)
+    check_int("warmup", warmup, 0, MAX_SIZE)
+    check_float("lr", lr, 0.0, low_open=True)
+    check_int("seed", seed, 0, MAX_TRAIN_SEED)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     torch.manual_seed(seed)

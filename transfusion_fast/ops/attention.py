@@ -11,6 +11,7 @@ import math
 import torch
 
 from .. import backend as _backend
+from ..checks import check_bool, check_float
 from ..kernels.attention_tiles import SUPPORTED_HEAD_DIMS, tile_config
 from ..layout import Layout
 from ._cpu_attention import BACKWARD_BLOCKS, FORWARD_BLOCKS, cpu_attention
@@ -61,9 +62,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
-    return float(scale)
+    return check_float("scale", scale, 0.0, low_open=True)
 
 
 def attention_tile_sizes(device, head_dim: int) -> tuple[tuple[int, int], ...]:
@@ -221,6 +220,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
         ``o`` of shape ``(Tq, Hq, D)`` and dtype of q, or ``(o, lse)``.
     """
     scale = check_attention_inputs(q, k, v, layout, scale)
+    return_lse = check_bool("return_lse", return_lse)
     impl = _backend.resolve(q, "attention")
     if impl == "triton":
         if q.dtype == torch.bfloat16 and q.device.type != "cuda":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from transfusion_fast.backend import resolve
+from transfusion_fast.checks import check_float
 from transfusion_fast.kernels import rms_norm as rms_norm_kernels
 
 __all__ = ["rms_norm", "rms_norm_reference", "check_rms_norm_inputs"]
@@ -39,8 +40,7 @@ def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float,
                              f"{(tuple(residual.shape), residual.dtype) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_float("eps", eps, 0.0, low_open=True)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
