@@ -610,10 +610,24 @@ def test_generate_refuses_bad_arguments(tiny_model, which, data):
     assert_rejects(lambda: generate(tiny_model, prompts, **kwargs), names)
 
 
-def test_model_refuses_a_batch_of_another_config(tiny_model):
-    other = ModelConfig(**{**TINY.to_dict(), "modalities": (ModalityConfig("image", "image", channels=3,
-                                                                           patch_size=2, max_size=4),)})
-    assert_rejects(lambda: tiny_model(pack([[TEXT, torch.zeros(3, 4, 4)]], other)), "config")
+OTHER_CONFIGS = {
+    "channels": dict(modalities=(ModalityConfig("image", "image", channels=3, patch_size=2, max_size=4),)),
+    "patch_size": dict(modalities=(ModalityConfig("image", "image", channels=1, patch_size=4, max_size=4),)),
+    "name": dict(modalities=(ModalityConfig("picture", "image", channels=1, patch_size=2, max_size=4),)),
+    "kind": dict(modalities=(ModalityConfig("image", "sequence", channels=2, patch_size=2, max_size=8),)),
+    "vocab_size": dict(vocab_size=100), "diffusion_steps": dict(diffusion_steps=1000),
+    "span_positions": dict(span_positions="axial"), "schedule": dict(schedule="linear"),
+}
+
+
+@suite(24)
+@given(field=st.sampled_from(sorted(OTHER_CONFIGS)), seed=st.integers(0, 100))
+def test_model_refuses_a_batch_packed_with_another_config(tiny_model, field, seed):
+    fields = {**TINY.to_dict(), "modalities": TINY.modalities, **OTHER_CONFIGS[field]}
+    other = ModelConfig(**fields)
+    item = torch.zeros(8, 2) if field == "kind" else torch.zeros(other.modalities[0].channels, 4, 4)
+    batch = pack([[TEXT, item]], other, seed=seed)
+    assert_rejects(lambda: tiny_model(batch), "ModelConfig")
 
 
 # ----------------------------------------------------------------------------------- checkpoint I/O
@@ -656,6 +670,25 @@ def test_damaged_checkpoints_never_load_silently(tmp_path_factory, saved, tiny_m
     for name, tensor in tiny_model.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
     assert info["step"] == 2 and info["extra"] == {"a": 1}
+
+
+@suite(40)
+@given(which=st.sampled_from(["path", "model", "optimizer", "ema", "other model", "other optimizer"]),
+       data=st.data())
+def test_load_checkpoint_refuses_bad_arguments(saved, which, data):
+    path, _ = saved
+    kwargs, names = {}, (which,)
+    if which == "path":
+        path = data.draw(st.sampled_from([None, 3, ["a"], 1.5]))
+    elif which in ("model", "optimizer", "ema"):
+        kwargs[which] = data.draw(st.sampled_from(["x", 3, torch.nn.Linear(2, 2)]))
+    elif which == "other model":                     # a model of another config: the fields are listed
+        other = Model(ModelConfig(**{**TINY.to_dict(), "modalities": TINY.modalities, "depth": 2}))
+        kwargs["model"], names = other, (path, "depth")
+    else:                                            # an optimizer over other parameters
+        kwargs["optimizer"] = torch.optim.SGD(torch.nn.Linear(3, 3).parameters(), lr=0.1)
+        names = (path,)
+    assert_rejects(lambda: load_checkpoint(path, **kwargs), names)
 
 
 @suite(60)
