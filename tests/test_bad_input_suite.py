@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 from transfusion_fast import (EMA, LatentCodec, Layout, ModalityConfig, Model, ModelConfig, Schedule, generate,
                               get_schedule, load_checkpoint, ops, pack, save_checkpoint, use_backend)
 from transfusion_fast.app import cli
+from transfusion_fast.app.data import csv_windows
 from transfusion_fast.checkpoint import CheckpointError
 from transfusion_fast.checks import MAX_SIZE
 
@@ -799,3 +801,29 @@ def test_cli_bad_options_give_one_line_and_status_2(tmp_path_factory, command, d
 def monkeypatch_commands(monkeypatch):
     for name in list(cli.COMMANDS):
         monkeypatch.setitem(cli.COMMANDS, name, _unreachable)
+
+
+CSV_TEXT = st.one_of(
+    st.binary(max_size=200).map(lambda b: ("bytes", b)),
+    st.text(alphabet=st.sampled_from("0123456789.,-e\n\r \"nanif;x"), max_size=200).map(lambda t: ("text", t)),
+    st.lists(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.just("1"),
+                                st.just(""), st.just("x")), min_size=1, max_size=4),
+             min_size=0, max_size=30).map(lambda rows: ("text", "\n".join(",".join(r) for r in rows))))
+
+
+@suite(150)
+@given(content=CSV_TEXT, length=st.integers(1, 8))
+def test_csv_data_is_refused_naming_the_file_or_gives_finite_windows(tmp_path_factory, content, length):
+    """``--data FILE``: any bytes give windows in [0, 1] (constant columns included) or a ValueError
+    that names the file (which the CLI prints as one line)."""
+    kind, body = content
+    path = str(tmp_path_factory.getbasetemp() / "fuzz.csv")
+    with open(path, "wb") as handle:
+        handle.write(body if kind == "bytes" else body.encode())
+    try:
+        windows, _ = csv_windows(path, length)
+    except Exception as error:       # noqa: BLE001
+        assert_clear(error, path)
+        return
+    assert windows.ndim == 3 and windows.shape[1] == length
+    assert np.isfinite(windows).all() and windows.min() >= 0.0 and windows.max() <= 1.0
