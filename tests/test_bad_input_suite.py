@@ -310,6 +310,15 @@ def test_unpatchify_packed_refuses_float_offsets():
                                                  [(2, 4), (4, 6)]), "offsets")
 
 
+@pytest.mark.xfail(strict=True, reason="ops/rope.py (branch w19's files): zero tokens end in a RuntimeError of "
+                                        "reshape (cannot reshape tensor of 0 elements into shape [0, -1]) on "
+                                        "every backend")
+def test_apply_rope_on_zero_tokens():
+    q = torch.empty(0, 2, 16)
+    q_rot, k_rot = ops.apply_rope(q, q, torch.empty(0, dtype=torch.long))
+    assert q_rot.shape == k_rot.shape == (0, 2, 16)
+
+
 @suite(120)
 @given(name=st.sampled_from(sorted(SCALAR_OPS)), data=st.data())
 def test_scalar_ops_refuse_bad_arguments(name, data):
@@ -344,10 +353,12 @@ EXTREME = st.sampled_from([0, 1, 2, 3, -1, -2**31, 2**31 - 1, 2**31, 2**32, 2**3
 @st.composite
 def extreme_case(draw):
     op = draw(st.sampled_from(["unpatchify", "unpatchify_packed", "patchify", "inference_timesteps", "add_noise",
-                               "layout", "get_schedule", "flow_inference_timesteps"]))
+                               "layout", "get_schedule", "flow_inference_timesteps", "empty"]))
     a, b, c = draw(EXTREME), draw(EXTREME), draw(EXTREME)
     rows = draw(st.sampled_from([0, 1, 2]))
     dim = draw(st.sampled_from([0, 1, 4]))
+    if op == "empty":
+        return draw(empty_huge_case())
     if op == "unpatchify":
         return f"ops.unpatchify(torch.empty({rows}, {rows}, {dim}), {a}, {b}, {c})"
     if op == "unpatchify_packed":
@@ -370,14 +381,46 @@ def extreme_case(draw):
             f"tf.get_schedule(), seed={b})")
 
 
+BIG = st.sampled_from([1, 2, 3, 16, 2**16, 2**31 - 1, 2**31, 2**32 + 2])
+
+
+@st.composite
+def empty_huge_case(draw):
+    """A zero-element tensor with huge other dimensions: no memory, but a compiled kernel that
+    multiplies the sizes in int32 or divides by them would overflow or trap."""
+    d, e, f, p = draw(BIG), draw(BIG), draw(BIG), draw(EXTREME)
+    # (apply_rope is left out: it fails on zero tokens, see test_apply_rope_on_zero_tokens)
+    op = draw(st.sampled_from(["patchify", "unpatchify", "swiglu", "rms_norm", "add_noise", "ddim"]))
+    if op == "patchify":
+        return f"x = torch.empty(0, {d}, {e}, {f}) ||| ops.patchify(x, {p})"
+    if op == "unpatchify":
+        return f"x = torch.empty(0, {d}, {e}) ||| ops.unpatchify(x, {p}, {f}, {f})"
+    if op == "swiglu":
+        return f"x = torch.empty(0, {d}, {e}) ||| ops.swiglu(x, x)"
+    if op == "rms_norm":                              # a stride-0 weight of {d} entries: no memory
+        return f"x = torch.empty(0, {d}); w = torch.ones(1).expand({d}) ||| ops.rms_norm(x, w)"
+    if op == "add_noise":
+        return (f"x = torch.empty(0, {d}); t = torch.empty(0, dtype=torch.long) ||| "
+                f"ops.add_noise(x, t, tf.get_schedule(), seed={min(p, 2**64)})")
+    return (f"x = torch.empty(0, {d}); t = torch.empty(0, dtype=torch.long) ||| "
+            f"ops.ddim_step(x, x, t, t, tf.get_schedule(), eta=0.5, seed={min(p, 2**64)})")
+
+
 CHILD = """
 import sys, torch, transfusion_fast as tf
 from transfusion_fast import ops
 torch.set_num_threads(1)
 for i, line in enumerate(sys.stdin.read().splitlines()):
+    setup, _, call = line.rpartition(" ||| ")
+    scope = {"torch": torch, "tf": tf, "ops": ops}
+    try:
+        exec(setup, scope)                            # building the inputs is torch's business
+    except Exception as error:
+        print("SKIP", i, type(error).__name__, flush=True)
+        continue
     print("START", i, flush=True)
     try:
-        out = eval(line)
+        out = eval(call, scope)
         size = sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor))
         print("OK", i, size, flush=True)
     except (ValueError, TypeError) as error:
@@ -400,7 +443,9 @@ def test_extreme_sizes_never_crash_the_process(cases):
                                     f"{cases[started[-1]] if started else ''}\n{result.stderr[-1500:]}")
     unclear = [line for line in lines if line.startswith("UNCLEAR")]
     assert not unclear, [(cases[int(u.split()[1])], u) for u in unclear]
-    assert len([line for line in lines if line.startswith(("OK", "CLEAR"))]) == len(cases)
+    done = [line for line in lines if line.startswith(("OK", "CLEAR"))]
+    skipped = [line for line in lines if line.startswith("SKIP")]
+    assert len(done) + len(skipped) == len(cases) and len(skipped) <= len(cases) // 4, skipped
 
 
 # ----------------------------------------------------------------------------------- constructors
