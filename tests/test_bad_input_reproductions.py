@@ -4,9 +4,7 @@ Each asserts a clear exception naming the argument (the message is matched) or t
 backend's answer. The cases that crashed the process (C++ ops with extreme sizes) run in a child
 process, so that a crash fails the test instead of killing pytest.
 """
-import io
 import json
-import math
 import os
 import subprocess
 import sys
