@@ -119,3 +119,25 @@ def test_train_with_bf16_precision_keeps_fp32_parameters(tmp_path):
     assert np.isfinite(summary["final_loss"])
     with pytest.raises(SystemExit):      # argparse names the choices
         main(["train", "--out", out, "--precision", "fp8", *TINY])
+
+
+def test_main_in_process_leaves_the_callers_backend_and_threads(monkeypatch, tmp_path):
+    """--backend and --threads hold for the run only (they leaked into every later test)."""
+    import transfusion_fast as tf
+    from transfusion_fast.app import cli
+
+    seen = {}
+
+    def record(args):
+        seen.update(backend=tf.get_backend(), threads=torch.get_num_threads())
+        if args.out.endswith("fail"):
+            raise ValueError("a failing run")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", record)
+    before = (tf.get_backend(), torch.get_num_threads())
+    threads = 2 if before[1] != 2 else 3
+    for out in ("ok", "fail"):
+        status = main(["eval", "--out", str(tmp_path / out), "--backend", "reference", "--threads", str(threads)])
+        assert status == (0 if out == "ok" else 2)
+        assert seen == {"backend": "reference", "threads": threads}
+        assert (tf.get_backend(), torch.get_num_threads()) == before

@@ -7,7 +7,9 @@
 * ``eval``: the metrics of those samples → ``metrics.json`` (and ``pca.png`` for series).
 * ``demo``: train + sample + eval with the defaults of the task, then print the metrics.
 
-``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`;
+``--backend auto | triton | reference`` goes through :func:`transfusion_fast.use_backend` (and
+``--threads`` through ``torch.set_num_threads``) for the run only: ``main`` called in-process
+leaves the caller's backend and thread count as they were;
 ``--precision fp32 | bf16 | fp16`` runs training and sampling under ``torch.autocast`` (fp32
 parameters; :func:`transfusion_fast.app.trainer.autocast`). A failure on the input prints one line
 naming the option or the file and exits with status 2 (``--debug`` or ``TRANSFUSION_FAST_DEBUG=1``
@@ -33,7 +35,7 @@ import time
 
 import torch
 
-from ..backend import BACKENDS, set_backend
+from ..backend import BACKENDS, use_backend
 from ..checkpoint import load_checkpoint
 from ..checks import MAX_SIZE
 from .presets import TASKS, preset
@@ -285,11 +287,12 @@ def main(argv=None) -> int:
     """
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    threads = torch.get_num_threads()
     try:
         _validate(args)
-        set_backend(args.backend)
         torch.set_num_threads(args.threads)
-        COMMANDS[args.command](args)
+        with use_backend(args.backend):
+            COMMANDS[args.command](args)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -300,6 +303,8 @@ def main(argv=None) -> int:
             raise
         print(f"transfusion-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 
