@@ -4,12 +4,14 @@ and the next save removes what the killed ones left.
 A worker process saves checkpoints in a loop, each one a distinct step ``k`` whose every part says
 ``k``: all weights, the optimizer's learning rate and moments, the EMA averages, the RNG state
 (``torch.manual_seed(k)``), ``step`` and ``extra``. The test kills it (SIGKILL) at random points of a
-save, and also right after a save has written its temporary file (the window before the rename),
-then loads the checkpoint with the model, an optimizer and an EMA: it must load (checksum verified)
+save, and also right after a save has written its temporary file (the window before the rename:
+there the worker completes one save, writes the next one's temporary file, reports it and waits, so
+the kill surely lands before the rename), then loads the checkpoint with the model, an optimizer and an EMA: it must load (checksum verified)
 and every part must say the same ``k``. Workers are forked from a forkserver that has imported
 torch once, so a kill costs milliseconds, not an interpreter start.
 """
 import itertools
+import json
 import multiprocessing
 import os
 import random
@@ -53,15 +55,23 @@ def _stamp(model, opt, ema, k: int) -> None:
     torch.manual_seed(k)
 
 
-def _save_forever(path: str, first: int, conn) -> None:
-    """The worker: save steps first, first + 1, ... until killed, reporting each phase."""
+def _save_forever(path: str, first: int, conn, hold_after_write: bool = False) -> None:
+    """The worker: save steps first, first + 1, ... until killed, reporting each phase.
+
+    With ``hold_after_write`` the second save stops right after writing its temporary file, reports
+    ("held", filename, k) and waits to be killed: the rename that would follow never happens."""
     torch.set_num_threads(1)
     model, opt, ema = _parts(first)
     write = ckpt._write_file
+    saves = itertools.count()
 
     def write_and_report(filename, tensors, metadata):
         write(filename, tensors, metadata)
         conn.send(("written", filename))
+        if hold_after_write and next(saves) == 1:
+            conn.send(("held", filename, json.loads(metadata["step"])))
+            while True:                              # until the parent's SIGKILL
+                time.sleep(60)
 
     ckpt._write_file = write_and_report
     for k in itertools.count(first):
@@ -112,7 +122,9 @@ def test_killed_saves_leave_the_previous_or_the_new_checkpoint_and_the_next_save
     plan.append("after write")          # the last kill surely leaves a temporary file
     for trial, how in enumerate(plan):
         receiver, sender = ctx.Pipe(duplex=False)
-        worker = ctx.Process(target=_save_forever, args=(path, 1000 * (trial + 1), sender), daemon=True)
+        first = 1000 * (trial + 1)
+        worker = ctx.Process(target=_save_forever, args=(path, first, sender, how == "after write"),
+                             daemon=True)
         worker.start()
         sender.close()
         try:
@@ -124,12 +136,16 @@ def test_killed_saves_leave_the_previous_or_the_new_checkpoint_and_the_next_save
                 _receive(receiver, "start")
                 time.sleep(rng.uniform(0.0, 1.2 * save_seconds))
             else:
-                _receive(receiver, "written")
+                _, held_file, held_step = _receive(receiver, "held")
+                assert held_step == first + 1
+                assert os.path.isfile(held_file)             # the temporary file is written, not renamed
         finally:
             worker.kill()
             worker.join()
         assert worker.exitcode == -9
         k = _check_consistent(path)
+        if how == "after write":                             # the save before the held one is what loads
+            assert k == first, f"a kill before the rename left step {k}, expected {first}"
         if k is not None:
             steps_seen.add(k)
 

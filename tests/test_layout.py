@@ -136,6 +136,18 @@ def test_bad_layout_input(cu, spans, message):
     spans_t = None if spans is None else torch.tensor(spans, dtype=torch.int32)
     with pytest.raises(ValueError, match=message):
         Layout(torch.tensor(cu, dtype=torch.int32), spans_t)
+    if spans is not None:                            # a span's message names spans[k]
+        with pytest.raises(ValueError, match=r"spans"):
+            Layout(torch.tensor(cu, dtype=torch.int32), spans)
+
+
+@pytest.mark.parametrize("spans", [[[True, 2]], [[0, False]], [[1.0, 2]], [(0, 2), (3, 4.5)]])
+def test_spans_as_lists_refuse_bools_and_floats(spans):
+    """torch.as_tensor([[True, 2]]) is an int64 tensor [[1, 2]]: the list itself is checked."""
+    with pytest.raises(ValueError, match=r"spans must hold ints, got (bool|float)"):
+        Layout.transfusion(torch.tensor([0, 8]), spans)
+    with pytest.raises(ValueError, match=r"q_lens must hold ints, got bool"):
+        Layout.decode(torch.tensor([0, 4, 8]), [True, 2])
 
 
 def test_bad_layout_types():

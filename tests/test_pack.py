@@ -76,6 +76,16 @@ def test_captioned_spans_get_cleaner_timesteps():
     assert int(free.span_timesteps.max()) > 300
 
 
+def test_default_caption_bound_is_half_the_schedule_for_any_number_of_steps():
+    """The default bound is T // 2 (500 of 1000, the paper's): a config with T <= 500 packs with the
+    defaults (a fixed default of 500 was out of its range and refused every call)."""
+    short = ModelConfig(**{**CONFIG.to_dict(), "modalities": (IMAGE, SERIES), "diffusion_steps": 100})
+    samples = [[torch.randn(1, 2, 2), torch.tensor([5])] for _ in range(20)]
+    batch = pack(samples, short, seed=0, caption_noise_prob=1.0)
+    assert 0 <= int(batch.span_timesteps.max()) <= 50
+    assert int(pack(samples, CONFIG, seed=0, caption_noise_prob=1.0).span_timesteps.max()) <= 500
+
+
 def test_cfg_drop_removes_the_prefix_before_the_first_span():
     sample = [torch.tensor([1, 2, 3]), torch.randn(1, 2, 2), torch.tensor([4])]
     dropped = pack([sample], CONFIG, seed=0, cfg_drop_prob=1.0)

@@ -295,8 +295,25 @@ class Layout:
 
 
 # --------------------------------------------------------------------------------- validation
+def _non_int_entry(values):
+    """The first entry of a nested list/tuple that is not an int (a bool, a float, ...), or None.
+    torch.as_tensor would promote ``[[True, 2]]`` to int64 and lose the bool."""
+    stack = [values]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (list, tuple)):
+            stack.extend(reversed(value))
+        elif isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+            return value
+    return None
+
+
 def _as_int_tensor(name: str, values, device) -> torch.Tensor:
     """A nested list of Python ints as an int64 tensor; floats and bools are refused, not truncated."""
+    bad = _non_int_entry(values)
+    if bad is not None:
+        raise ValueError(f"{name} must hold ints, got {describe(bad)} in {describe(values)} (floats and bools are "
+                         f"not truncated)")
     try:
         tensor = torch.as_tensor(values, device=device)
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
@@ -349,18 +366,18 @@ def _check_spans(spans, cu: torch.Tensor, bidirectional: bool) -> torch.Tensor:
     start, end = spans[:, 0], spans[:, 1]
     if bool((end <= start).any()):
         k = int(torch.nonzero(end <= start)[0, 0])
-        raise ValueError(f"span {k} is empty or reversed: [{int(start[k])}, {int(end[k])})")
+        raise ValueError(f"spans[{k}] is empty or reversed: [{int(start[k])}, {int(end[k])})")
     if spans.shape[0] > 1:
         unsorted = start[1:] < start[:-1]
         if bool(unsorted.any()):
             k = int(torch.nonzero(unsorted)[0, 0]) + 1
-            raise ValueError(f"spans must be sorted by start: span {k} starts at {int(start[k])} "
-                             f"before span {k - 1} at {int(start[k - 1])}")
+            raise ValueError(f"spans must be sorted by start: spans[{k}] starts at {int(start[k])} "
+                             f"before spans[{k - 1}] at {int(start[k - 1])}")
         overlap = start[1:] < end[:-1]
         if bool(overlap.any()):
             k = int(torch.nonzero(overlap)[0, 0]) + 1
-            raise ValueError(f"spans overlap: span {k - 1} [{int(start[k - 1])}, {int(end[k - 1])}) "
-                             f"and span {k} [{int(start[k])}, {int(end[k])})")
+            raise ValueError(f"spans overlap: spans[{k - 1}] [{int(start[k - 1])}, {int(end[k - 1])}) "
+                             f"and spans[{k}] [{int(start[k])}, {int(end[k])})")
     total = int(cu[-1])
     if int(start.min()) < 0 or int(end.max()) > total:
         raise ValueError(f"spans must lie inside [0, {total}), got a span from {int(start.min())} "
@@ -370,7 +387,7 @@ def _check_spans(spans, cu: torch.Tensor, bidirectional: bool) -> torch.Tensor:
     if bool(outside.any()):
         k = int(torch.nonzero(outside)[0, 0])
         d = int(doc_of_start[k])
-        raise ValueError(f"span {k} [{int(start[k])}, {int(end[k])}) crosses the end of its document "
+        raise ValueError(f"spans[{k}] [{int(start[k])}, {int(end[k])}) crosses the end of its document "
                          f"{d} [{int(cu[d])}, {int(cu[d + 1])})")
     return spans
 

@@ -297,7 +297,7 @@ def _drop_prefix_for_cfg(items):
 
 def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: bool = True,
          add_eos: bool = True, cfg_drop_prob: float | None = None, caption_noise_prob: float = 0.8,
-         caption_max_timestep: int = 500, timesteps=None) -> Batch:
+         caption_max_timestep: int | None = None, timesteps=None) -> Batch:
     """Pack ``samples`` into one :class:`Batch` (deterministic given ``seed``).
 
     Args:
@@ -310,7 +310,9 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
             unconditional model for classifier-free guidance); default ``config.cfg_drop_prob``.
         caption_noise_prob, caption_max_timestep: a span followed by text in its sample (image →
             caption) draws its timestep from ``[0, caption_max_timestep]`` with this probability, as
-            the Transfusion paper does (80%, t ≤ 500); other spans draw from ``[0, T)``.
+            the Transfusion paper does (80%, t ≤ 500 of T = 1000); other spans draw from ``[0, T)``.
+            ``caption_max_timestep`` defaults to ``T // 2`` (500 for T = 1000, and a valid bound for
+            every T).
         timesteps: optional fixed timestep per span (int sequence), overriding the draw.
     """
     if not isinstance(samples, (list, tuple)) or len(samples) == 0:
@@ -321,6 +323,8 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
     drop = config.cfg_drop_prob if cfg_drop_prob is None else check_float("cfg_drop_prob", cfg_drop_prob, 0.0, 1.0)
     check_float("caption_noise_prob", caption_noise_prob, 0.0, 1.0)
     T = config.diffusion_steps
+    if caption_max_timestep is None:
+        caption_max_timestep = T // 2
     check_int("caption_max_timestep", caption_max_timestep, 0, T - 1)
     add_bos, add_eos = check_bool("add_bos", add_bos), check_bool("add_eos", add_eos)
     gen = torch.Generator().manual_seed(check_int("seed", seed, 0, MAX_SEED - 1))

@@ -7,8 +7,9 @@
 * ``eval``: the metrics of those samples → ``metrics.json`` (and ``pca.png`` for series).
 * ``demo``: train + sample + eval with the defaults of the task, then print the metrics.
 
-``--backend auto | triton | reference`` selects the backend while the command runs
-(:func:`transfusion_fast.use_backend`);
+``--backend auto | triton | reference`` goes through :func:`transfusion_fast.use_backend` (and
+``--threads`` through ``torch.set_num_threads``) for the run only: ``main`` called in-process
+leaves the caller's backend and thread count as they were;
 ``--precision fp32 | bf16 | fp16`` runs training and sampling under ``torch.autocast`` (fp32
 parameters; :func:`transfusion_fast.app.trainer.autocast`). A failure on the input prints one line
 naming the option or the file and exits with status 2 (``--debug`` or ``TRANSFUSION_FAST_DEBUG=1``
@@ -286,8 +287,6 @@ def main(argv=None) -> int:
     """
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    # The backend and the thread count are the command's: main() called in-process (a notebook, the
-    # tests) leaves the caller's settings as they were.
     threads = torch.get_num_threads()
     try:
         _validate(args)
