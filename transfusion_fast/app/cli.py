@@ -7,6 +7,11 @@
 * ``eval``: the metrics of those samples → ``metrics.json`` (and ``pca.png`` for series).
 * ``demo``: train + sample + eval with the defaults of the task, then print the metrics.
 
+``--objective flow`` trains with rectified flow (and the task's flow preset: Euler sampling in
+fewer steps); ``--sampler`` picks the sampler (``ddim``/``ddpm`` for DDPM, ``euler``/``heun`` for
+flow). Training keeps an EMA of the weights (``--ema-decay``, 0 disables it); sampling uses the
+EMA weights unless ``--raw-weights``.
+
 ``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`. Every
 option left out takes the task's preset (:mod:`transfusion_fast.app.presets`, the registry that
 ``make demo`` runs with too).
@@ -14,6 +19,7 @@ option left out takes the task's preset (:mod:`transfusion_fast.app.presets`, th
 The main-job commands (figures in the README)::
 
     python -m transfusion_fast demo                                   # digits, text <-> image
+    python -m transfusion_fast demo --objective flow --out runs/flow   # the same, rectified flow
     python -m transfusion_fast demo --task sine --length 100 --out runs/sine100
     python -m transfusion_fast demo --task csv --data prices.csv --length 24 --out runs/prices
 """
@@ -29,7 +35,7 @@ import torch
 
 from ..backend import BACKENDS, set_backend
 from ..checkpoint import load_checkpoint
-from .presets import TASKS, preset
+from .presets import OBJECTIVES, TASKS, preset
 from .tasks import DigitsTask, SeriesTask, make_task, task_from_checkpoint
 from .trainer import CHECKPOINT_NAME, train
 
@@ -68,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--heads", type=int, default=None)
         p.add_argument("--checkpoint-every", type=int, default=None)
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        p.add_argument("--objective", default=None, choices=OBJECTIVES,
+                       help="training objective of the spans (default ddpm; flow: rectified flow)")
+        p.add_argument("--ema-decay", type=float, default=None,
+                       help="decay of the EMA of the weights used for sampling (0 disables it)")
 
     def sampling(p):
         p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per span")
@@ -75,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--per-digit", type=int, default=None, help="generated images per digit")
         p.add_argument("--held-out", type=int, default=None,
                        help="caption only the first N held-out images (default: all 359)")
+        p.add_argument("--sampler", default=None, choices=("ddim", "ddpm", "euler", "heun"),
+                       help="span sampler: ddim | ddpm (objective ddpm), euler | heun (objective flow)")
+        p.add_argument("--raw-weights", action="store_true",
+                       help="sample with the trained weights instead of their EMA")
 
     p = commands.add_parser("train", help="train a model")
     common(p, True)
@@ -94,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setting(args, name: str, task_name: str):
-    """The option ``name`` as given on the command line, else the task's preset."""
+def _setting(args, name: str, task_name: str, objective: str | None = None):
+    """The option ``name`` as given on the command line, else the task's preset for ``objective``
+    (default: ``--objective``, else ddpm)."""
     value = getattr(args, name, None)
-    return getattr(preset(task_name), name) if value is None else value
+    objective = objective or getattr(args, "objective", None) or "ddpm"
+    return getattr(preset(task_name, objective), name) if value is None else value
 
 
 def _make_task(args):
@@ -118,13 +134,16 @@ def cmd_train(args) -> dict:
     task = _make_task(args)
     steps = _setting(args, "steps", task.name)
     config = task.model_config(dim=_setting(args, "dim", task.name), depth=_setting(args, "depth", task.name),
-                               heads=_setting(args, "heads", task.name))
+                               heads=_setting(args, "heads", task.name),
+                               objective=_setting(args, "objective", task.name))
     t0 = time.perf_counter()
     model, history = train(task, args.out, steps=steps, batch_size=_setting(args, "batch_size", task.name),
                            lr=_setting(args, "lr", task.name), model_config=config, device=args.device,
                            checkpoint_every=_setting(args, "checkpoint_every", task.name),
-                           resume=args.resume, progress=not args.no_progress, seed=args.seed)
-    summary = {"task": task.name, "steps": steps,
+                           resume=args.resume, progress=not args.no_progress, seed=args.seed,
+                           ema_decay=args.ema_decay if args.resume else _setting(args, "ema_decay", task.name))
+    summary = {"task": task.name, "steps": steps, "objective": model.config.objective,
+               "ema_decay": 0.0 if history["ema"] is None else history["ema"].decay,
                "parameters": model.num_parameters(), "train_seconds": time.perf_counter() - t0,
                "tokens_per_second": history["tokens_per_second"],
                "final_loss": history["loss"][-1] if history["loss"] else None}
@@ -137,15 +156,18 @@ def cmd_train(args) -> dict:
 
 
 def cmd_sample(args) -> dict:
-    task, model, _ = task_from_checkpoint(_checkpoint_path(args), device=args.device)
-    kwargs = {"steps": _setting(args, "sample_steps", task.name), "seed": args.seed,
-              "progress": not args.no_progress}
+    task, model, info = task_from_checkpoint(_checkpoint_path(args), device=args.device,
+                                             use_ema=not args.raw_weights)
+    objective = model.config.objective
+    kwargs = {"steps": _setting(args, "sample_steps", task.name, objective), "seed": args.seed,
+              "progress": not args.no_progress, "sampler": _setting(args, "sampler", task.name, objective),
+              "weights": info["weights"]}
     if task.name == "digits":
-        kwargs.update(per_digit=_setting(args, "per_digit", task.name),
-                      cfg_scale=_setting(args, "cfg_scale", task.name),
+        kwargs.update(per_digit=_setting(args, "per_digit", task.name, objective),
+                      cfg_scale=_setting(args, "cfg_scale", task.name, objective),
                       held_out=args.held_out)
     result = task.sample(model, args.out, **kwargs)
-    print(f"sampled into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+    print(f"sampled with the {info['weights']} weights into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in result.items()))
     return result
 

@@ -1,0 +1,100 @@
+"""The trainer's EMA of the weights (kept, saved with the checkpoint, restored on resume, used for
+sampling by default) and the flow-matching variant of the demo through the CLI."""
+import os
+
+import pytest
+import torch
+
+from transfusion_fast import Model
+from transfusion_fast.app.cli import main
+from transfusion_fast.app.tasks import DigitsTask, task_from_checkpoint
+from transfusion_fast.app.trainer import CHECKPOINT_NAME, load_model, train
+from transfusion_fast.checkpoint import load_checkpoint
+
+TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "4", "--threads", "1",
+        "--backend", "reference", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return DigitsTask()
+
+
+def _train(task, out, steps, **kwargs):
+    config = task.model_config(dim=32, depth=1, heads=2, objective=kwargs.pop("objective", "ddpm"))
+    kwargs = {"batch_size": 4, "lr": 1e-2, "warmup": 1, "checkpoint_every": 2, "progress": False,
+              "model_config": config, **kwargs}
+    return train(task, str(out), steps=steps, **kwargs)
+
+
+def _params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_ema_is_saved_and_used_for_sampling_by_default(task, tmp_path):
+    model, history = _train(task, tmp_path, 4, ema_decay=0.9)
+    ema = history["ema"]
+    assert ema is not None and ema.num_updates == 4 and ema.decay == 0.9
+    raw = _params(model)
+    averages = dict(zip(ema.names, ema.averages))
+    assert any(not torch.equal(averages[name], raw[name]) for name in raw)
+
+    path = os.path.join(tmp_path, CHECKPOINT_NAME)
+    with_ema, info = load_model(path)
+    assert info["weights"] == "ema" and info["extra"]["train"]["ema_decay"] == 0.9
+    for name, p in with_ema.named_parameters():
+        assert torch.equal(p, averages[name]), name
+    trained, info = load_model(path, use_ema=False)
+    assert info["weights"] == "raw"
+    for name, p in trained.named_parameters():
+        assert torch.equal(p, raw[name]), name
+    # What the sample command loads (task_from_checkpoint) is the EMA model unless told otherwise.
+    _, sampled, info = task_from_checkpoint(path)
+    assert info["weights"] == "ema" and all(torch.equal(p, averages[n]) for n, p in sampled.named_parameters())
+
+
+def test_resume_restores_the_ema(task, tmp_path):
+    straight, history = _train(task, tmp_path / "straight", 4, ema_decay=0.9)
+    _train(task, tmp_path / "resumed", 2, ema_decay=0.9)
+    resumed, resumed_history = train(task, str(tmp_path / "resumed"), steps=4, resume=True, progress=False,
+                                     batch_size=4, lr=1e-2, warmup=1, checkpoint_every=2)
+    ema, again = history["ema"], resumed_history["ema"]
+    assert again.num_updates == 4 and again.decay == 0.9        # the checkpoint's decay, not the preset's
+    for name, a, b in zip(ema.names, ema.averages, again.averages):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_ema_decay_zero_disables_it(task, tmp_path):
+    model, history = _train(task, tmp_path, 2, ema_decay=0.0)
+    assert history["ema"] is None
+    loaded, info = load_model(os.path.join(tmp_path, CHECKPOINT_NAME))
+    assert info["weights"] == "raw" and all(torch.equal(p, q) for p, q in zip(loaded.parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, "0.9", True])
+def test_bad_ema_decay(task, tmp_path, decay):
+    with pytest.raises(ValueError, match=r"ema_decay must be a float in \[0, 1\).*" + repr(decay).replace(".", r"\.")):
+        _train(task, tmp_path, 1, ema_decay=decay)
+
+
+def test_flow_variant_through_the_cli(tmp_path):
+    out = str(tmp_path / "flow")
+    main(["train", "--objective", "flow", "--out", out, "--steps", "2", "--ema-decay", "0.5", *TINY])
+    model, info = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
+    assert model.config.objective == "flow" and info["extra"]["train"]["ema_decay"] == 0.5
+    main(["sample", "--out", out, "--per-digit", "1", "--sample-steps", "2", "--sampler", "heun",
+          "--held-out", "2", "--threads", "1", "--backend", "reference", "--no-progress"])
+    settings = torch.load(os.path.join(out, "samples.pt"), weights_only=False)["settings"]
+    assert settings == {"per_digit": 1, "steps": 2, "cfg_scale": 3.0, "seed": 0, "sampler": "heun",
+                        "objective": "flow", "weights": "ema"}
+    main(["sample", "--out", out, "--per-digit", "1", "--held-out", "2", "--raw-weights", "--threads", "1",
+          "--backend", "reference", "--no-progress"])
+    settings = torch.load(os.path.join(out, "samples.pt"), weights_only=False)["settings"]
+    assert settings["weights"] == "raw" and settings["sampler"] == "euler" and settings["steps"] == 25
+    # A DDPM sampler on the flow model is refused by name.
+    task, flow_model, _ = task_from_checkpoint(os.path.join(out, CHECKPOINT_NAME))
+    assert isinstance(flow_model, Model)
+    with pytest.raises(ValueError, match=r"sampler must be one of \('euler', 'heun'\).*'flow'.*got 'ddim'"):
+        task.sample(flow_model, out, per_digit=1, steps=2, sampler="ddim", held_out=1, progress=False)
