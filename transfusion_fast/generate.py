@@ -238,6 +238,7 @@ def _clean_times(config: ModelConfig, rows: int, device) -> torch.Tensor:
     """The time of clean span rows (a prompt's image, a finished span): 0 in the objective's dtype."""
     return torch.zeros(rows, dtype=torch.float32 if config.is_flow else torch.long, device=device)
 
+
 def _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, sampler,
                          num_inference_steps, cfg_scale, eta):
     if not isinstance(prompts, (list, tuple)) or not prompts:

@@ -167,8 +167,8 @@ def cmd_sample(args) -> dict:
                       cfg_scale=_setting(args, "cfg_scale", task.name, objective),
                       held_out=args.held_out)
     result = task.sample(model, args.out, **kwargs)
-    print(f"sampled with the {info['weights']} weights into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in result.items()))
+    print(f"sampled with the {info['weights']} weights into {args.out}: "
+          + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
 
 
