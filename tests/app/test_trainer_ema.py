@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from transfusion_fast import Model
+from transfusion_fast import Model, get_backend, set_backend
 from transfusion_fast.app.cli import main
 from transfusion_fast.app.tasks import DigitsTask, task_from_checkpoint
 from transfusion_fast.app.trainer import CHECKPOINT_NAME, load_model, train
@@ -18,6 +18,14 @@ TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "4", "--t
 @pytest.fixture(scope="module")
 def task():
     return DigitsTask()
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    """main(--backend ...) sets the process-wide backend; later test files expect theirs."""
+    before = get_backend()
+    yield
+    set_backend(before)
 
 
 def _train(task, out, steps, **kwargs):
