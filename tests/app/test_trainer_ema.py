@@ -74,6 +74,16 @@ def test_resume_restores_the_ema(task, tmp_path):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
+def test_resume_of_a_run_without_ema_starts_one(task, tmp_path):
+    _train(task, tmp_path, 2, ema_decay=0.0)
+    resumed, history = train(task, str(tmp_path), steps=3, resume=True, progress=False, batch_size=4,
+                             ema_decay=0.5)
+    ema = history["ema"]
+    assert ema.decay == 0.5 and ema.num_updates == 1
+    loaded, info = load_model(os.path.join(tmp_path, CHECKPOINT_NAME))
+    assert info["weights"] == "ema" and info["extra"]["train"]["ema_decay"] == 0.5
+
+
 def test_ema_decay_zero_disables_it(task, tmp_path):
     model, history = _train(task, tmp_path, 2, ema_decay=0.0)
     assert history["ema"] is None

@@ -56,7 +56,8 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
     Every setting left ``None`` (and the model, without ``model_config``) comes from the task's
     preset (:mod:`transfusion_fast.app.presets`) for the model's objective. With ``resume`` the
     checkpoint in ``out_dir`` (weights, optimizer, EMA, step) is loaded and training continues up
-    to ``steps``. ``ema_decay``: the EMA of the weights (0 disables it). Returns ``(model,
+    to ``steps``. ``ema_decay``: the EMA of the weights (0 disables it; on resume ``None`` keeps the
+    run's own, and an EMA the run did not keep starts at the resumed weights). Returns ``(model,
     history)`` where history holds the loss curve (every step), the throughput and the EMA
     (``history["ema"]``, None when disabled); the model holds the trained (raw) weights.
     """
@@ -89,8 +90,13 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     ema = EMA(model, ema_decay, warmup=True) if ema_decay > 0 else None
     if resume:
-        _, info = load_checkpoint(path, model, optimizer, map_location=device, ema=ema)
+        saved_ema = ema if saved_decay else None
+        _, info = load_checkpoint(path, model, optimizer, map_location=device, ema=saved_ema)
         start = int(info["step"] or 0)
+        if ema is not None and saved_ema is None:
+            ema = EMA(model, ema_decay, warmup=True)    # the run kept none: start at the resumed weights
+        elif ema is not None:
+            ema.decay = ema_decay                       # the saved averages go on with the decay asked for
     extra = {"task": task.spec(), "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
                                             "warmup": warmup, "seed": seed, "ema_decay": ema_decay}}
 
