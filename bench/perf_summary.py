@@ -6,8 +6,10 @@ the saved JSON, so both always show the same numbers.
 
 Each timed record carries ``extra_info`` written by ``benchlib.measure``: ``suite``, ``case``,
 ``impl``, ``compare`` (a list of ``{"baseline", "metric", "goal"}``), ``work``, ``flops``,
-``bytes``, ``tokens``, ``threads``, ``dtype``, ``device``. A ratio row pairs a subject with the
-record of the same suite and case whose ``impl`` is the named baseline.
+``bytes``, ``tokens``, ``threads``, ``dtype``, ``device`` and, for the CPU attention, ``isa`` (the
+ISA path of that row: each path is its own subject, named in ``impl`` and carrying its own goals).
+A ratio row pairs a subject with the record of the same suite and case whose ``impl`` is the named
+baseline.
 """
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ def summarize(data: dict) -> list[dict]:
                 "subject_s": _seconds(subject), "baseline_s": _seconds(baseline) if baseline else None,
                 "ratio": ratio, "goal": goal,
                 "met": None if goal is None or ratio is None else bool(ratio >= goal),
+                "isa": info.get("isa"),
                 "threads": info.get("threads"), "dtype": info.get("dtype"),
                 "device": info.get("device"),
                 "throughput": _throughput(info, _seconds(subject)),

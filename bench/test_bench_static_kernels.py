@@ -30,7 +30,8 @@ from benchlib import CONFIG, RECORD
 SUITE = "static kernels"
 #: op family -> the module (under transfusion_fast.kernels) whose aot_specs() lists its configs
 KERNEL_FILES = {"attention": "attention_diagnostics", "rope": "rope", "swiglu": "swiglu",
-                "rms_norm": "rms_norm"}
+                "rms_norm": "rms_norm",
+                "linear_cross_entropy": "linear_cross_entropy"}
 CACHE = Path(__file__).resolve().parent / "results" / "aot_cache.json"
 #: seconds of compiling per full run (the rest is pending for the next run); chunk = one subprocess
 BUDGET_S = 150

@@ -1,4 +1,4 @@
-"""The compiled block-sparse CPU attention (csrc/attention_cpu.cpp, ops/_cpu_attention.py).
+"""The compiled block-sparse CPU attention (csrc/attention_cpu*, ops/_cpu_attention.py).
 
 Checked against the reference path and the dense-mask SDPA oracle, forward, LSE and gradients, on
 the hypothesis layouts of tests/strategies.py, with small tiles so that every run mixes skipped,
@@ -12,6 +12,9 @@ full and partial tiles (and ragged last tiles). Tolerances (atol, rtol):
   reference runs in fp32 on the same (rounded) inputs: ``TOLERANCES`` of the dtype, atol scaled by
   the magnitude of the tensor.
 * fp64: runs in fp64 end to end: 1e-10.
+
+Every ISA path this CPU can run (``available_cpu_isas()``: avx512, avx2, portable) goes through the
+same checks: the ``isa`` fixture / parametrization selects it with ``use_cpu_isa``.
 """
 from __future__ import annotations
 
@@ -29,11 +32,16 @@ from hypothesis import strategies as st
 
 from transfusion_fast import Layout, _ext, backend, ops
 from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS, attention_reference
-from transfusion_fast.ops._cpu_attention import BACKWARD_BLOCKS, FORWARD_BLOCKS, cpu_attention
+from transfusion_fast.ops._cpu_attention import (BACKWARD_BLOCKS, CPU_ISA_ENV, CPU_ISAS, FORWARD_BLOCKS,
+                                                 available_cpu_isas, cpu_attention, cpu_isa, set_cpu_isa,
+                                                 use_cpu_isa)
 from transfusion_fast.testing import (TOLERANCES, dense_attention_oracle, packed_documents_example,
                                       random_qkv, transfusion_example)
 
 from strategies import layouts
+
+#: the ISA paths this CPU runs, best first (portable always)
+ISAS = available_cpu_isas()
 
 GRAD_TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-4, 1e-4),
             torch.float16: TOLERANCES[torch.float16], torch.bfloat16: TOLERANCES[torch.bfloat16]}
@@ -83,34 +91,46 @@ def _check_against_reference(layout, hq, hkv, d, dtype, block=FORWARD_BLOCKS, se
     return leaves
 
 
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each ISA path of the CPU attention this CPU runs: avx512, avx2 (hand-written kernels), portable
+    (BLAS products, compiler-vectorized passes: what non-x86 CPUs run)."""
+    with use_cpu_isa(request.param):
+        yield request.param
+
+
 # ------------------------------------------------------------------------------ reference path
 @settings(max_examples=30)
 @given(layout=layouts(), group=st.sampled_from([1, 2, 4]), hkv=st.sampled_from([1, 2]),
        d=st.sampled_from(SUPPORTED_HEAD_DIMS), block=BLOCKS, backward_block=BLOCKS,
        seed=st.integers(0, 2**16))
-def test_matches_reference_fp32(layout, group, hkv, d, block, backward_block, seed):
-    _check_against_reference(layout[0], hkv * group, hkv, d, torch.float32, block, seed,
-                             backward_block=backward_block)
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_matches_reference_fp32(isa_name, layout, group, hkv, d, block, backward_block, seed):
+    with use_cpu_isa(isa_name):
+        _check_against_reference(layout[0], hkv * group, hkv, d, torch.float32, block, seed,
+                                 backward_block=backward_block)
 
 
 @settings(max_examples=15)
 @given(layout=layouts(), group=st.sampled_from([1, 2, 4]), d=st.sampled_from((32, 64, 128)),
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float64]), block=BLOCKS,
        seed=st.integers(0, 2**16))
-def test_matches_reference_other_dtypes(layout, group, d, dtype, block, seed):
-    _check_against_reference(layout[0], 2 * group, 2, d, dtype, block, seed, backward_block=block)
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_matches_reference_other_dtypes(isa_name, layout, group, d, dtype, block, seed):
+    with use_cpu_isa(isa_name):
+        _check_against_reference(layout[0], 2 * group, 2, d, dtype, block, seed, backward_block=block)
 
 
 @pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_head_dim_on_a_transfusion_layout(d, dtype):
+def test_every_head_dim_on_a_transfusion_layout(isa, d, dtype):
     # 3 images of 37 patches between 20 text tokens: spans straddle 32-row tile edges.
     _check_against_reference(transfusion_example(3, 37, 20), 4, 2, d, dtype, (32, 32),
                              backward_block=(16, 32))
 
 
 @pytest.mark.parametrize("kind", ["single_token_docs", "span_at_doc_edges", "decode"])
-def test_edge_layouts(kind):
+def test_edge_layouts(isa, kind):
     if kind == "single_token_docs":
         layout = Layout.causal(torch.tensor([0, 1, 2, 3, 40, 41, 80]))
     elif kind == "span_at_doc_edges":
@@ -123,7 +143,7 @@ def test_edge_layouts(kind):
 
 # ------------------------------------------------------------------------------ document-aware walk
 @pytest.mark.parametrize("blocks", [(FORWARD_BLOCKS, BACKWARD_BLOCKS), ((64, 64), (64, 64)), ((256, 128), (16, 256))])
-def test_long_packed_documents(blocks):
+def test_long_packed_documents(isa, blocks):
     # A 1,100-token document (mask-free runs longer than one 1,024-key GEMM), documents ending
     # inside row and key tiles, a run of short documents that merge into one masked segment, GQA.
     cu = torch.tensor([0, 1100, 1109, 1113, 1114, 1130, 1290, 1300])
@@ -148,7 +168,7 @@ def test_scratch_memory_kept_between_calls_changes_nothing():
     Layout.transfusion(torch.tensor([0, 100, 170, 300]), torch.tensor([[90, 100], [100, 140], [200, 260]])),
     Layout.bidirectional(torch.tensor([0, 100, 170, 300]))], ids=["causal", "transfusion", "bidirectional"])
 @pytest.mark.parametrize("blocks", [(FORWARD_BLOCKS, BACKWARD_BLOCKS), ((64, 64), (64, 64))])
-def test_documents_never_read_each_other(layout, blocks):
+def test_documents_never_read_each_other(isa, layout, blocks):
     # The documents end inside tiles. NaN in every input of the middle document: a row, key or
     # gradient of another document that met it even once (a masked 0 times NaN is NaN) would turn
     # NaN, so finite values elsewhere show that the walk stays inside each document, forward and
@@ -174,8 +194,13 @@ def test_documents_never_read_each_other(layout, blocks):
 # ------------------------------------------------------------------------------ dense oracle
 @settings(max_examples=15)
 @given(layout=layouts(), group=st.sampled_from([1, 2, 4]), block=BLOCKS, seed=st.integers(0, 2**16))
-def test_matches_dense_sdpa_oracle(layout, group, block, seed):
-    layout = layout[0]
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_matches_dense_sdpa_oracle(isa_name, layout, group, block, seed):
+    with use_cpu_isa(isa_name):
+        _check_against_dense_oracle(layout[0], group, block, seed)
+
+
+def _check_against_dense_oracle(layout, group, block, seed):
     q, k, v = random_qkv(layout.num_queries, layout.num_keys, 2 * group, 2, 32, seed=seed,
                          requires_grad=True)
     o, _ = cpu_attention(q, k, v, layout, 0.3, block, block)
@@ -190,7 +215,7 @@ def test_matches_dense_sdpa_oracle(layout, group, block, seed):
 
 # ------------------------------------------------------------------------------ strides, dispatch
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
-def test_strided_views_of_a_fused_qkv_tensor(hq, hkv):
+def test_strided_views_of_a_fused_qkv_tensor(isa, hq, hkv):
     layout = transfusion_example(2, 29, 23)
     t = layout.num_keys
     fused = torch.randn(t, hq + 2 * hkv, 64, requires_grad=True)   # one projection output
@@ -216,7 +241,7 @@ def test_auto_backend_on_cpu_runs_this_kernel():
     assert torch.equal(o, direct_o) and torch.equal(lse, direct_lse)
 
 
-def test_backward_is_deterministic_for_a_thread_count():
+def test_backward_is_deterministic_for_a_thread_count(isa):
     # MQA (one kv head) on up to 3 threads: the key tiles are split into chunks whose dQ partial sums
     # are added in a fixed order, so a rerun gives the same bits. The chunking follows the thread
     # count, so different thread counts agree to rounding only.
@@ -241,40 +266,96 @@ def test_backward_is_deterministic_for_a_thread_count():
             _assert_close(a, b, GRAD_TOL[torch.float32], f"{threads} threads vs 1")
 
 
-# ------------------------------------------------------------------------------ portable path
-@pytest.fixture(params=["native", "portable"])
-def isa(request):
-    """native: the AVX-512 kernels where the CPU has them; portable: the path CPUs without AVX-512
-    run (BLAS products, compiler-vectorized passes), forced through the extension's test hook."""
-    if request.param == "native":
-        yield request.param
-        return
-    previous = _ext.ops().attention_cpu_set_avx512(False)
-    try:
-        yield request.param
-    finally:
-        _ext.ops().attention_cpu_set_avx512(previous)
-
-
+# ------------------------------------------------------------------------------ ISA paths
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", [transfusion_example(3, 37, 20), Layout.causal(torch.tensor([0, 1100, 1109, 1113, 1130, 1300])),
                                     Layout.bidirectional(torch.tensor([0, 100, 170, 300]))],
                          ids=["transfusion", "packed causal", "bidirectional"])
-def test_portable_path_matches_reference(isa, layout, dtype):
-    # Both paths through the same walk: merged mask-free GEMMs, masked sub-blocks, GQA.
+def test_each_isa_path_matches_reference(isa, layout, dtype):
+    # Every path through the same walk: merged mask-free GEMMs, masked sub-blocks, GQA.
+    assert cpu_isa() == isa
     _check_against_reference(layout, 4, 2, 64, dtype)
 
 
-def test_avx512_switch_rejects_a_cpu_without_it():
-    previous = _ext.ops().attention_cpu_set_avx512(False)
+def test_isa_paths_agree_closely():
+    # The paths differ only in summation order and in the exp's last bits: on the same inputs they
+    # agree far inside the reference tolerance (a path that drops or doubles a tile would not).
+    layout = transfusion_example(3, 37, 20)
+    q, k, v = random_qkv(layout.num_queries, layout.num_keys, 4, 2, 64, requires_grad=True, seed=5)
+    results = {}
+    for name in ISAS:
+        with use_cpu_isa(name):
+            o, lse = cpu_attention(q, k, v, layout, 0.125, (32, 32), (16, 32))
+            results[name] = (o, lse, *torch.autograd.grad(o.square().sum() + lse.sum(), (q, k, v)))
+    for name in ISAS[:-1]:
+        for what, got, want in zip(("o", "lse", "dq", "dk", "dv"), results[name], results["portable"]):
+            _assert_close(got, want, (1e-5, 1e-5), f"{name} vs portable {what}")
+
+
+@pytest.mark.parametrize("cu", [[0, 300], [0, 100, 170, 300]], ids=["one document", "three documents"])
+def test_dense_documents_take_the_faster_forward(isa, cu, monkeypatch):
+    # A layout dense per document: the paths whose own forward is slower than ATen's flash kernel
+    # there hand it the forward (the backward stays this kernel's); values, LSE and gradients (GQA,
+    # a differentiated LSE) must match the reference either way.
+    from transfusion_fast.ops import _cpu_attention
+    calls = []
+    original = _cpu_attention._aten_dense_forward
+    monkeypatch.setattr(_cpu_attention, "_aten_dense_forward", lambda *a: calls.append(1) or original(*a))
+    _check_against_reference(Layout.bidirectional(torch.tensor(cu)), 4, 2, 64, torch.float32)
+    assert bool(calls) == (isa in _cpu_attention.ATEN_FORWARD_FOR_DENSE_DOCUMENTS)
+    calls.clear()
+    _check_against_reference(transfusion_example(2, 40, 20), 4, 2, 64, torch.float32)   # not dense
+    assert not calls
+
+
+def test_isa_selector_rejects_what_the_cpu_cannot_run():
+    assert ISAS[-1] == "portable" and set(ISAS) <= set(CPU_ISAS)
+    default = cpu_isa()
+    assert default == ISAS[0], "the default is the best path this CPU runs"
+    for name in CPU_ISAS:
+        if name in ISAS:
+            with use_cpu_isa(name):
+                assert cpu_isa() == name
+            assert cpu_isa() == default
+        else:   # e.g. avx512 on an AVX2 machine: refused, the selection unchanged
+            with pytest.raises(ValueError, match=f"this CPU cannot run the '{name}' path"):
+                set_cpu_isa(name)
+            with pytest.raises(RuntimeError, match=f"isa='{name}' needs a CPU with"):
+                _ext.ops().attention_cpu_set_isa(name)
+            assert cpu_isa() == default
+    with pytest.raises(ValueError, match=r"must be one of \('avx512', 'avx2', 'portable'\), got 'sse'"):
+        set_cpu_isa("sse")
+    with pytest.raises(RuntimeError, match="isa must be one of 'avx512', 'avx2', 'portable', got 'sse'"):
+        _ext.ops().attention_cpu_set_isa("sse")
+
+
+_ENV_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from transfusion_fast.ops._cpu_attention import cpu_attention, cpu_isa
+    from transfusion_fast.testing import transfusion_example, random_qkv
+    layout = transfusion_example(1, 8, 8)
+    q, k, v = random_qkv(layout.num_keys, layout.num_keys, 2, 2, 32)
     try:
-        if previous:   # this CPU has AVX-512: switching back on works
-            assert _ext.ops().attention_cpu_set_avx512(True) is False
-        else:
-            with pytest.raises(RuntimeError, match="enabled=True needs a CPU with AVX-512"):
-                _ext.ops().attention_cpu_set_avx512(True)
-    finally:
-        _ext.ops().attention_cpu_set_avx512(previous)
+        cpu_attention(q, k, v, layout, 0.2)
+    except ValueError as error:
+        print("error:", error)
+        sys.exit(0)
+    print("isa:", cpu_isa())
+""")
+
+
+@pytest.mark.parametrize("value", ["portable", "avx2", "avx512", "sse"])
+def test_isa_environment_variable(value):
+    env = dict(os.environ, **{CPU_ISA_ENV: value})
+    out = subprocess.run([sys.executable, "-c", _ENV_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    if value in ISAS:
+        assert out.stdout.strip() == f"isa: {value}"
+    elif value in CPU_ISAS:
+        assert f"{CPU_ISA_ENV}='{value}': this CPU cannot run the '{value}' path" in out.stdout
+    else:
+        assert f"{CPU_ISA_ENV}='sse': the CPU attention ISA must be one of" in out.stdout
 
 
 # ------------------------------------------------------------------------------ tile product
@@ -282,9 +363,9 @@ def test_avx512_switch_rejects_a_cpu_without_it():
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (15, 7, 3), (16, 6, 64), (17, 13, 1), (64, 12, 63), (65, 5, 257),
                                    (130, 11, 600), (40, 1, 0)])
 def test_tile_product_matches_torch(isa, m, n, k, trans_b):
-    # The product every tile of the CPU attention goes through: the register-tiled fp32 kernel on
-    # AVX-512 machines, BLAS on the portable path. Partial vectors of m, every column remainder of
-    # the 6-wide tiles, k across its 256-deep blocks and k = 0, operands with a row stride (leading
+    # The product every tile of the CPU attention goes through: the register-tiled fp32 kernels of
+    # the AVX-512 and AVX2 paths, BLAS on the portable path. Partial vectors of m (16 and 8 lanes),
+    # every column remainder of the 6-wide tiles, k across its 256-deep blocks and k = 0, operands with a row stride (leading
     # dimension) larger than their width, beta = 0 over a NaN-filled c (must not be read), beta = 1.
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     a = torch.randn(k, m + 3, generator=g)[:, :m]
@@ -325,6 +406,20 @@ def test_kernel_walks_only_the_tiles_of_the_table():
     want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                           attn_mask=block_causal, scale=0.2).transpose(0, 1)
     _assert_close(got, want, TOLERANCES[torch.float32], "block-causal walk")
+
+
+@pytest.mark.parametrize("d", [20, 36])
+def test_head_dim_off_the_vector_width_through_the_raw_op(isa, d):
+    # The front only passes SUPPORTED_HEAD_DIMS (multiples of 16), the op itself takes any head_dim:
+    # partial vectors in the accumulator rescale, the transposes and the output rows.
+    layout = transfusion_example(2, 29, 23)
+    t = layout.num_keys
+    q, k, v = random_qkv(t, t, 4, 2, d)
+    got = _fwd_with_tables(q, k, v, layout, layout.tile_table(32, 32), 0.2)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+                                          v.repeat_interleave(2, 1).transpose(0, 1),
+                                          attn_mask=layout.dense_mask(), scale=0.2).transpose(0, 1)
+    _assert_close(got, want, TOLERANCES[torch.float32], f"head_dim {d}")
 
 
 def test_full_tiles_apply_no_mask():

@@ -185,7 +185,7 @@ def test_sample_tokens_filters():
     (dict(top_k=0), ["top_k", "0"]),
     (dict(top_p=0.0), ["top_p", "0.0"]),
     (dict(sampler="euler"), ["sampler", "'euler'"]),
-    (dict(num_inference_steps=0), ["num_inference_steps", "[1, 1000]", "0"]),
+    (dict(num_inference_steps=0), ["num_inference_steps", "<= 1000", "0"]),
     (dict(span_shape=(5, 4)), ["span_shape", "height", "patch size 2", "got 5"]),
     (dict(modality="video"), ["modality", "'video'"]),
     (dict(max_new_tokens=-1), ["max_new_tokens", "-1"]),
@@ -228,11 +228,21 @@ def test_default_backend_generation_equals_reference():
 
 def test_generation_stops_at_max_seq_len():
     model = tiny_model(max_seq_len=12)
-    out = model.generate([[torch.tensor([1, 2, 3])], [torch.tensor([1, BOI])]], max_new_tokens=50,
-                         stop_at_eos=False, span_shape=(8, 8), num_inference_steps=2, progress=False)
-    # BOS + 3 prompt tokens + 8 sampled = 12 rows; an 8x8 image (16 patches) cannot fit after BOS 1 BOI.
+    out = model.generate([[torch.tensor([1, 2, 3])]], max_new_tokens=50, stop_at_eos=False, span_shape=(8, 8),
+                         num_inference_steps=2, progress=False)
+    # BOS + 3 prompt tokens + 8 sampled = 12 rows.
     assert out[0][0].numel() == 8
-    assert out[1] == []
+
+
+def test_a_prompt_that_cannot_hold_what_it_asks_for_is_refused():
+    model = tiny_model(max_seq_len=12)
+    # An 8x8 image (16 patches) cannot fit after BOS 1 BOI: refused, not an empty answer.
+    with pytest.raises(ValueError, match=r"prompts\[1\] ends with a BOI.*max_seq_len=12 leaves room for 9"):
+        model.generate([[torch.tensor([1, 2, 3])], [torch.tensor([1, BOI])]], max_new_tokens=50,
+                       span_shape=(8, 8), num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"prompts\[0\] is 12 rows long .* no room under max_seq_len=12"):
+        model.generate([[torch.arange(11)]], max_new_tokens=1, progress=False)
+    assert model.generate([[torch.arange(11)]], max_new_tokens=0, progress=False) == [[]]
 
 
 @pytest.mark.parametrize("prediction", ["v", "x0"])

@@ -1,5 +1,6 @@
 """The package's imports point one way: kernels <- ops <- config <- model / pack / generate /
-checkpoint <- application, with layout, backend, schedules and aot below them all.
+checkpoint <- application, with layout, backend, schedules and aot below them all, and the scalar
+argument checks (checks.py) below those.
 
 The graph is read from the ``import`` statements of every module of ``transfusion_fast`` (the
 kernels included), those inside functions too, so a lazy import cannot hide a cycle.
@@ -12,8 +13,9 @@ import pytest
 
 # Lowest first: a module may import modules of its own layer or of a lower one, never higher.
 LAYERS = [
-    ("base", ("transfusion_fast._ext", "transfusion_fast.backend", "transfusion_fast.layout",
-              "transfusion_fast.schedules", "transfusion_fast.aot")),
+    ("checks", ("transfusion_fast.checks",)),
+    ("base", ("transfusion_fast._compat", "transfusion_fast._ext", "transfusion_fast.backend",
+              "transfusion_fast.layout", "transfusion_fast.schedules", "transfusion_fast.aot")),
     ("kernels", ("transfusion_fast.kernels",)),
     ("ops", ("transfusion_fast.ops",)),
     ("config", ("transfusion_fast.config", "transfusion_fast.hf_weights")),

@@ -127,7 +127,9 @@ def test_bad_input_names_argument_expected_and_received(samples, words):
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match=r"timesteps must give one value in \[0, 1000\) per span \(1 spans\)"):
+    with pytest.raises(ValueError, match=r"timesteps\[0\] must be an int in \[0, 999\], got int 1000"):
         pack([[torch.randn(1, 2, 2)]], CONFIG, timesteps=[1000])
+    with pytest.raises(ValueError, match=r"timesteps must give one value in \[0, 1000\) per span \(1 spans\)"):
+        pack([[torch.randn(1, 2, 2)]], CONFIG, timesteps=[1, 2])
     with pytest.raises(ValueError, match="cfg_drop_prob"):
         pack([[torch.tensor([1])]], CONFIG, cfg_drop_prob=2.0)

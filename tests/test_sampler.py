@@ -224,7 +224,7 @@ def test_bad_step_input_raises_before_any_kernel(step, change, match):
 
 def test_bad_eta_and_inference_steps():
     args = _good()
-    with pytest.raises(ValueError, match="eta must be a float >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite float >= 0"):
         ddim_step(args["x_t"], args["model_out"], args["t"], args["t_prev"], SCHEDULE, eta=-0.1)
     with pytest.raises(ValueError, match="num_inference_steps must be <= num_train_steps"):
         inference_timesteps(10, 20)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 
+from .checks import MAX_SIZE, check_bool, check_float, check_int, describe
 from .ops.attention import SUPPORTED_HEAD_DIMS
 from .ops.flow import FLOW_TIME_DISTRIBUTIONS
 from .ops.validation import PREDICTIONS
-from .schedules import SCHEDULES
+from .schedules import MAX_DIFFUSION_STEPS, SCHEDULES
 
 __all__ = ["ModalityConfig", "ModelConfig", "IGNORE_INDEX", "PREDICTIONS", "CONDITIONINGS", "SPAN_POSITIONS",
            "MODALITY_KINDS", "OBJECTIVES", "ENCODERS", "FLOW_TIME_DISTRIBUTIONS"]
@@ -96,9 +96,7 @@ def _validate_encoder(m: ModalityConfig) -> None:
     _require(m.encoder in ENCODERS,
              f"modality {m.name!r}: encoder must be one of {ENCODERS}, got {m.encoder!r}")
     for attr in ("unet_channels", "unet_res_blocks"):
-        v = getattr(m, attr)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"modality {m.name!r}: {attr} must be a positive int, got {v!r}")
+        check_int(f"modality {m.name!r}: {attr}", getattr(m, attr), 1, MAX_SIZE)
     if m.encoder != "unet":
         return
     _require(m.kind == "image", f"modality {m.name!r}: encoder='unet' needs kind='image' (the U-Net is 2-D; "
@@ -109,6 +107,15 @@ def _validate_encoder(m: ModalityConfig) -> None:
     _require(m.unet_channels % UNET_GROUPS == 0,
              f"modality {m.name!r}: unet_channels must be a multiple of {UNET_GROUPS} (the U-Net's GroupNorm "
              f"groups), got {m.unet_channels}")
+
+
+def _modality(m) -> "ModalityConfig":
+    if isinstance(m, dict):
+        unknown = sorted(set(m) - {f.name for f in dataclasses.fields(ModalityConfig)})
+        if unknown:
+            raise ValueError(f"ModelConfig.modalities: unknown ModalityConfig fields {unknown}")
+        return ModalityConfig(**m)
+    return m
 
 
 @dataclass(frozen=True)
@@ -152,29 +159,35 @@ class ModelConfig:
     flow_time_mean: float = 0.0
     flow_time_std: float = 1.0
     flow_shift: float = 1.0
+    # Training-time memory settings (they change no result: gradients equal the plain run).
+    activation_checkpointing: bool = False  # each block recomputes its activations in the backward
 
     def __post_init__(self):
-        mods = tuple(ModalityConfig(**m) if isinstance(m, dict) else m for m in self.modalities)
-        object.__setattr__(self, "modalities", mods)
+        if not isinstance(self.modalities, (tuple, list)):
+            raise ValueError(f"ModelConfig.modalities must be a tuple of ModalityConfig (or dicts), got "
+                             f"{describe(self.modalities)}")
+        object.__setattr__(self, "modalities", tuple(_modality(m) for m in self.modalities))
+        check_int("ModelConfig.n_heads", self.n_heads, 1, MAX_SIZE)
+        check_int("ModelConfig.dim", self.dim, 1, MAX_SIZE)
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None and self.n_heads > 0:
+        if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, the expected and the received value."""
-        def positive_int(name):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                     f"ModelConfig.{name} must be a positive int, got {v!r}")
+        def positive_int(name, high=MAX_SIZE):
+            check_int(f"ModelConfig.{name}", getattr(self, name), 1, high)
         for name in ("vocab_size", "dim", "depth", "n_heads", "n_kv_heads", "head_dim",
-                     "ffn_multiple_of", "diffusion_steps", "max_seq_len", "time_freq_dim"):
+                     "ffn_multiple_of", "max_seq_len", "time_freq_dim"):
             positive_int(name)
+        positive_int("diffusion_steps", MAX_DIFFUSION_STEPS)
         if self.ffn_hidden_size is not None:
             positive_int("ffn_hidden_size")
-        _require(isinstance(self.qkv_bias, bool), f"ModelConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
+        check_bool("ModelConfig.qkv_bias", self.qkv_bias)
+        check_bool("ModelConfig.activation_checkpointing", self.activation_checkpointing)
         _require(self.n_heads % self.n_kv_heads == 0,
                  f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                  f"({self.n_kv_heads}) for grouped-query attention")
@@ -191,7 +204,7 @@ class ModelConfig:
                     if getattr(m, attr) is not None:
                         specials[f"modalities[{m.name}].{attr}"] = getattr(m, attr)
         for name, v in specials.items():
-            _require(isinstance(v, int) and 0 <= v < self.vocab_size,
+            _require(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.vocab_size,
                      f"ModelConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), got {v!r}")
         core = (self.bos_id, self.eos_id, self.boi_id, self.eoi_id)
         _require(len(set(core)) == 4, f"ModelConfig special tokens bos_id/eos_id/boi_id/eoi_id must be "
@@ -203,8 +216,8 @@ class ModelConfig:
         _require(not (bois & eois) and not ((bois | eois) & {self.bos_id, self.eos_id}),
                  f"modality BOI ids {sorted(bois)} and EOI ids {sorted(eois)} must differ from each other "
                  f"and from bos_id={self.bos_id} / eos_id={self.eos_id}")
-        _require(self.norm_eps > 0, f"ModelConfig.norm_eps must be positive, got {self.norm_eps!r}")
-        _require(self.rope_theta > 0, f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        check_float("ModelConfig.norm_eps", self.norm_eps, 0.0, low_open=True)
+        check_float("ModelConfig.rope_theta", self.rope_theta, 0.0, low_open=True)
         _require(self.span_positions in SPAN_POSITIONS,
                  f"ModelConfig.span_positions must be one of {SPAN_POSITIONS}, got {self.span_positions!r}")
         if self.span_positions == "axial":
@@ -216,10 +229,8 @@ class ModelConfig:
                  f"ModelConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         _require(self.conditioning in CONDITIONINGS,
                  f"ModelConfig.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
-        _require(isinstance(self.diffusion_loss_weight, (int, float)) and self.diffusion_loss_weight >= 0,
-                 f"ModelConfig.diffusion_loss_weight must be a float >= 0, got {self.diffusion_loss_weight!r}")
-        _require(isinstance(self.cfg_drop_prob, (int, float)) and 0 <= self.cfg_drop_prob <= 1,
-                 f"ModelConfig.cfg_drop_prob must lie in [0, 1], got {self.cfg_drop_prob!r}")
+        check_float("ModelConfig.diffusion_loss_weight", self.diffusion_loss_weight, 0.0)
+        check_float("ModelConfig.cfg_drop_prob", self.cfg_drop_prob, 0.0, 1.0)
         self._validate_objective()
         names = set()
         for m in self.modalities:
@@ -231,9 +242,7 @@ class ModelConfig:
             _require(m.kind in MODALITY_KINDS,
                      f"modality {m.name!r}: kind must be one of {MODALITY_KINDS}, got {m.kind!r}")
             for attr in ("channels", "patch_size", "max_size"):
-                v = getattr(m, attr)
-                _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                         f"modality {m.name!r}: {attr} must be a positive int, got {v!r}")
+                check_int(f"modality {m.name!r}: {attr}", getattr(m, attr), 1, MAX_SIZE)
             _require(m.max_size % m.patch_size == 0,
                      f"modality {m.name!r}: max_size ({m.max_size}) must be a multiple of patch_size "
                      f"({m.patch_size})")
@@ -245,12 +254,9 @@ class ModelConfig:
         _require(self.flow_time_distribution in FLOW_TIME_DISTRIBUTIONS,
                  f"ModelConfig.flow_time_distribution must be one of {FLOW_TIME_DISTRIBUTIONS}, got "
                  f"{self.flow_time_distribution!r}")
-        for name in ("flow_time_mean", "flow_time_std", "flow_shift"):
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            _require(ok and (name == "flow_time_mean" or v > 0),
-                     f"ModelConfig.{name} must be a finite float{'' if name == 'flow_time_mean' else ' > 0'}, "
-                     f"got {v!r}")
+        check_float("ModelConfig.flow_time_mean", self.flow_time_mean)
+        check_float("ModelConfig.flow_time_std", self.flow_time_std, 0.0, low_open=True)
+        check_float("ModelConfig.flow_shift", self.flow_shift, 0.0, low_open=True)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -285,11 +291,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"ModelConfig.from_dict needs a dict, got {describe(d)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"ModelConfig.from_dict: unknown fields {unknown}; expected a subset of {sorted(known)}")
         d = dict(d)
-        if "modalities" in d:
-            d["modalities"] = tuple(ModalityConfig(**m) if isinstance(m, dict) else m for m in d["modalities"])
+        if "modalities" in d and isinstance(d["modalities"], (list, tuple)):
+            d["modalities"] = tuple(_modality(m) for m in d["modalities"])
         return cls(**d)

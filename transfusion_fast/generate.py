@@ -33,6 +33,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import ops
+from .checks import MAX_SEED, MAX_SIZE, check_bool, check_float, check_int
 from .codec import check_codecs
 from .config import ModalityConfig, ModelConfig
 from .layout import Layout
@@ -142,9 +143,11 @@ class _Forward:
         self.tokens = torch.cat([t for t, _ in chunks]).to(device)
         self.positions = torch.cat(positions).to(device=device, dtype=torch.int32)
         self.axial = torch.cat(axial).to(device) if config.span_positions == "axial" else None
-        cu = torch.tensor(starts, dtype=torch.int64, device=device)
-        spans_t = torch.tensor(spans_abs, dtype=torch.int64, device=device).reshape(-1, 2)
-        self.layout = Layout.decode(cu, torch.tensor(q_lens, device=device), spans_t)
+        # Built on the host and shipped with its tile tables in one copy (Layout.to).
+        layout = Layout.decode(torch.tensor(starts, dtype=torch.int64), torch.tensor(q_lens),
+                               torch.tensor(spans_abs, dtype=torch.int64).reshape(-1, 2))
+        self.layout = layout if torch.device(device).type == "cpu" else layout.to(
+            device, tile_sizes=ops.attention_tile_sizes(device, config.head_dim))
         self.rows = {name: torch.cat(r).to(device) for name, r in rows.items()}
         self.last_rows = self.layout.q_cu_seqlens[1:].long() - 1
         self.states: dict = {}
@@ -244,26 +247,20 @@ def _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, to
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of prompts (each a list of items), got "
                          f"{prompts if not isinstance(prompts, (list, tuple)) else 'an empty list'!r:.80}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a float >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    check_int("max_new_tokens", max_new_tokens, 0, MAX_SIZE)
+    check_float("temperature (0 = greedy)", temperature, 0.0)
+    if top_k is not None:
+        check_int("top_k", top_k, 1, MAX_SIZE)
+    if top_p is not None:
+        check_float("top_p", top_p, 0.0, 1.0, low_open=True)
     samplers = SAMPLERS[config.objective]
-    if sampler not in samplers:
+    if not isinstance(sampler, str) or sampler not in samplers:
         raise ValueError(f"sampler must be one of {samplers} for a model with objective={config.objective!r}, "
                          f"got {sampler!r}")
-    max_steps = MAX_FLOW_STEPS if config.is_flow else config.diffusion_steps
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
-        raise ValueError(f"num_inference_steps must be an int in [1, {max_steps}], got "
-                         f"{num_inference_steps!r}")
-    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be a float >= 0 (1 = no guidance), got {cfg_scale!r}")
-    if not isinstance(eta, (int, float)) or eta < 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    check_int("num_inference_steps", num_inference_steps, 1,
+              MAX_FLOW_STEPS if config.is_flow else config.diffusion_steps)
+    check_float("cfg_scale (1 = no guidance)", cfg_scale, 0.0)
+    check_float("eta", eta, 0.0)
 
 
 def _boi_modalities(config: ModelConfig, modality: str | None) -> dict:
@@ -278,16 +275,52 @@ def _boi_modalities(config: ModelConfig, modality: str | None) -> dict:
     return boi_modality
 
 
-def _span_shape_for(config: ModelConfig, m: ModalityConfig, span_shape, default_modality: str) -> tuple:
+def _span_shapes(config: ModelConfig, boi_modality: dict, span_shape, modality: str | None) -> dict:
+    """modality name -> the shape of its generated spans (see :func:`generate`'s ``span_shape``)."""
+    if isinstance(span_shape, dict):
+        names = [m.name for m in config.modalities]
+        unknown = sorted(str(k) for k in span_shape if k not in names)
+        if unknown:
+            raise ValueError(f"span_shape names unknown modalities {unknown}; the config has {names}")
+    elif span_shape is not None and not config.modalities:
+        raise ValueError(f"span_shape={span_shape!r} but the config has no modality to generate")
+    default_modality = modality or (config.modalities[0].name if config.modalities else None)
+    return {m.name: _span_shape_for(m, span_shape, default_modality) for m in boi_modality.values()}
+
+
+def _span_shape_for(m: ModalityConfig, span_shape, default_modality: str | None) -> tuple:
     if isinstance(span_shape, dict):
         shape = span_shape.get(m.name)
     else:
         shape = span_shape if m.name == default_modality else None
-    shape = m.default_shape if shape is None else tuple(int(s) for s in shape)
+    where = f"span_shape for modality {m.name!r}"
+    if shape is None:
+        shape = m.default_shape
+    elif not isinstance(shape, (tuple, list, torch.Size)):
+        raise ValueError(f"{where} must be a tuple of ints, got {shape!r}")
+    else:
+        shape = tuple(check_int(f"{where}[{i}]", s, 1, m.max_size if i else MAX_SIZE) for i, s in enumerate(shape))
     if m.kind == "image" and len(shape) == 2:
         shape = (m.channels, *shape)
-    check_span(m, torch.zeros(shape), f"span_shape for modality {m.name!r}")
+    check_span(m, torch.zeros(shape), where)
     return shape
+
+
+def _check_room(config: ModelConfig, prepared: list, boi_modality: dict, shapes: dict, max_new_tokens: int) -> None:
+    """Every prompt must leave room in its document (``config.max_seq_len`` rows) for what it asks
+    for: the span it forces when it ends with a BOI (and that span's EOI), else one new token."""
+    for i, sample in enumerate(prepared):
+        length = sample.length
+        m = boi_modality.get(int(sample.tokens[-1])) if length else None
+        if m is not None:
+            need = m.num_patches(shapes[m.name]) + 1
+            if length + need > config.max_seq_len:
+                raise ValueError(f"prompts[{i}] ends with a BOI, which asks for a {m.name!r} span of shape "
+                                 f"{shapes[m.name]} ({need - 1} rows + EOI), but the prompt is {length} rows long "
+                                 f"and max_seq_len={config.max_seq_len} leaves room for {config.max_seq_len - length}")
+        elif max_new_tokens and length >= config.max_seq_len:
+            raise ValueError(f"prompts[{i}] is {length} rows long (with BOS and BOI/EOI), which leaves no room "
+                             f"under max_seq_len={config.max_seq_len} for a new token")
 
 
 # ------------------------------------------------------------------------------------- steps
@@ -513,17 +546,19 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int = 64, temperature
     prompts = encode_latent_items(prompts, config, codecs, generator=torch.Generator().manual_seed(int(seed)),
                                   where="prompts")
     boi_modality = _boi_modalities(config, modality)
-    default_modality = modality or config.modalities[0].name
-    shapes = {m.name: _span_shape_for(config, m, span_shape, default_modality) for m in boi_modality.values()}
+    shapes = _span_shapes(config, boi_modality, span_shape, modality)
+    add_bos, stop_at_eos = check_bool("add_bos", add_bos), check_bool("stop_at_eos", stop_at_eos)
+    seed = check_int("seed", seed, 0, MAX_SEED - 1)
     prepared = [prepare_sample(p, config, add_bos=add_bos, add_eos=False, where=f"prompts[{i}]",
                                allow_empty=add_bos) for i, p in enumerate(prompts)]
+    _check_room(config, prepared, boi_modality, shapes, max_new_tokens)
     settings = Sampling(max_new_tokens, temperature, top_k, top_p, sampler, num_inference_steps, cfg_scale,
                         eta, add_bos, stop_at_eos, progress, boi_modality, shapes, codecs)
 
     was_training = model.training
     model.eval()
     try:
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(seed)
         cache = KVCache(config.depth)
         streams = [Stream(cache.new_doc()) for _ in prompts]
         prefill(model, cache, streams, prepared, settings)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import MAX_SIZE, check_bool, check_int, describe
+
 __all__ = ["Layout", "TileTable"]
 
 
@@ -103,6 +105,13 @@ def _longest_first(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return torch.argsort(hi - lo, descending=True, stable=True).to(torch.int32)
 
 
+#: the tensors of a Layout and of a TileTable, in the order Layout.to packs them
+_VECTORS = ("cu_seqlens", "q_cu_seqlens", "spans", "q_positions", "positions", "kv_start", "kv_end",
+            "q_start", "q_end")
+_TABLE_TENSORS = ("kv_lo", "kv_hi", "kv_full_lo", "kv_full_hi", "q_lo", "q_hi", "q_full_lo", "q_full_hi",
+                  "m_order", "n_order")
+
+
 class Layout:
     """The mask of a packed batch as O(T) interval vectors; see the module docstring.
 
@@ -113,6 +122,7 @@ class Layout:
 
     def __init__(self, cu_seqlens: torch.Tensor, spans: torch.Tensor | None = None, *,
                  bidirectional: bool = False, q_lens: torch.Tensor | None = None):
+        bidirectional = check_bool("bidirectional", bidirectional)
         cu = _check_cu_seqlens(cu_seqlens)
         device = cu.device
         num_docs = cu.numel() - 1
@@ -151,8 +161,6 @@ class Layout:
         self.q_cu_seqlens = q_cu.to(torch.int32)
         self.spans = spans.to(torch.int32)
         self.is_bidirectional = bidirectional
-        self.num_keys = total
-        self.num_queries = int(q_cu[-1])
         self.max_seqlen = int(doc_len.max())
         #: absolute key index of each query row (== arange for prefill)
         self.q_positions = q_pos.to(torch.int32)
@@ -198,14 +206,55 @@ class Layout:
     def num_docs(self) -> int:
         return self.cu_seqlens.numel() - 1
 
-    def to(self, device) -> "Layout":
-        """The same layout on another device (tile tables are rebuilt lazily there)."""
-        q_lens = None
-        if self.num_queries != self.num_keys or not torch.equal(
-                self.q_positions, torch.arange(self.num_keys, device=self.device, dtype=torch.int32)):
-            q_lens = (self.q_cu_seqlens[1:] - self.q_cu_seqlens[:-1]).to(device)
-        return Layout(self.cu_seqlens.to(device), self.spans.to(device),
-                      bidirectional=self.is_bidirectional, q_lens=q_lens)
+    # The counts are read off the tensors' lengths rather than stored as ints: under torch.compile
+    # a length is a symbolic size of a graph input, where a stored int would be a constant that
+    # every new batch length recompiles.
+    @property
+    def num_keys(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.q_positions.shape[0]
+
+    def to(self, device, *, tile_sizes=()) -> "Layout":
+        """The same layout on ``device``, with its tile tables, in one copy.
+
+        The tile tables of ``tile_sizes`` (``(block_m, block_n)`` pairs) are computed here, where
+        the layout lives (the host, for a layout from :func:`~transfusion_fast.pack`); then every
+        interval vector and every cached table goes into one int32 buffer (pinned when the target
+        is a GPU), which one copy sends to ``device``, where the layout's tensors are views of it.
+        The device thus runs one copy, whatever the number of documents, spans and tables,
+        instead of rebuilding the layout and its tables with dozens of small kernels and host
+        syncs. Always returns a new Layout (sharing no memory with this one).
+        """
+        for pair in tile_sizes:
+            self.tile_table(*pair)
+        device = torch.device(device)
+        vectors = [getattr(self, name) for name in _VECTORS]
+        tables = list(self._tables.values())
+        parts = self.tensors()
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        pinned = device.type == "cuda" and flat.device.type == "cpu"
+        if pinned:   # an asynchronous copy: the host goes on packing the next batch
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=pinned)
+        views = iter(flat.split([t.numel() for t in parts]))
+        out = Layout.__new__(Layout)
+        for name, src in zip(_VECTORS, vectors):
+            setattr(out, name, next(views).view(src.shape))
+        out.is_bidirectional, out.max_seqlen = self.is_bidirectional, self.max_seqlen
+        out._tables = {}
+        for table in tables:
+            out._tables[(table.block_m, table.block_n)] = TileTable(
+                table.block_m, table.block_n, table.num_m_tiles, table.num_n_tiles,
+                *(next(views) for _ in _TABLE_TENSORS))
+        return out
+
+    def tensors(self) -> list:
+        """Every tensor of the layout: the interval vectors, then each cached tile table's."""
+        return ([getattr(self, name) for name in _VECTORS]
+                + [getattr(t, name) for t in self._tables.values() for name in _TABLE_TENSORS])
 
     def visible_elements(self) -> int:
         """Number of (query, key) pairs that attend: the work of exact attention."""
@@ -222,9 +271,8 @@ class Layout:
 
     def tile_table(self, block_m: int, block_n: int) -> TileTable:
         """Walk tables for ``block_m`` query rows × ``block_n`` keys, computed once and cached."""
-        for name, value in (("block_m", block_m), ("block_n", block_n)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        block_m = check_int("block_m", block_m, 1, MAX_SIZE)
+        block_n = check_int("block_n", block_n, 1, MAX_SIZE)
         key = (block_m, block_n)
         if key not in self._tables:
             nm, nn, kv_lo, kv_hi, kv_flo, kv_fhi = _tile_ranges(
@@ -247,6 +295,19 @@ class Layout:
 
 
 # --------------------------------------------------------------------------------- validation
+def _as_int_tensor(name: str, values, device) -> torch.Tensor:
+    """A nested list of Python ints as an int64 tensor; floats and bools are refused, not truncated."""
+    try:
+        tensor = torch.as_tensor(values, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"{name} must be an integer tensor or a nested list of ints, got {describe(values)} "
+                         f"({error})") from None
+    if tensor.numel() and tensor.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must hold ints, got {tensor.dtype} values (floats and bools are not "
+                         f"truncated): {describe(values)}")
+    return tensor.long()
+
+
 def _check_cu_seqlens(cu: torch.Tensor) -> torch.Tensor:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
@@ -258,6 +319,9 @@ def _check_cu_seqlens(cu: torch.Tensor) -> torch.Tensor:
     cu = cu.long()
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    if int(cu[-1]) > MAX_SIZE:
+        raise ValueError(f"cu_seqlens: the packed length must be at most {MAX_SIZE} tokens (the kernels index "
+                         f"rows and keys with int32), got {int(cu[-1])}")
     lengths = cu[1:] - cu[:-1]
     if bool((lengths <= 0).any()):
         bad = int(torch.nonzero(lengths <= 0)[0, 0])
@@ -270,7 +334,7 @@ def _check_spans(spans, cu: torch.Tensor, bidirectional: bool) -> torch.Tensor:
     if spans is None:
         return torch.zeros(0, 2, dtype=torch.int64, device=cu.device)
     if not isinstance(spans, torch.Tensor):
-        spans = torch.as_tensor(spans, dtype=torch.int64, device=cu.device)
+        spans = _as_int_tensor("spans", spans, cu.device)
     if spans.numel() == 0:
         return torch.zeros(0, 2, dtype=torch.int64, device=cu.device)
     if spans.dtype not in (torch.int32, torch.int64):
@@ -313,7 +377,7 @@ def _check_spans(spans, cu: torch.Tensor, bidirectional: bool) -> torch.Tensor:
 
 def _check_q_lens(q_lens, doc_len: torch.Tensor) -> torch.Tensor:
     if not isinstance(q_lens, torch.Tensor):
-        q_lens = torch.as_tensor(q_lens, dtype=torch.int64, device=doc_len.device)
+        q_lens = _as_int_tensor("q_lens", q_lens, doc_len.device)
     if q_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"q_lens must be int32 or int64, got {q_lens.dtype}")
     if q_lens.shape != doc_len.shape:

@@ -37,6 +37,10 @@ Public API (stable)::
   with fresh modality heads; ``Model.text_logits(ids)``: next-token logits of text-only input.
 * ``Model.embed`` / ``Model.forward_hidden`` / ``Model.decode_spans``: the pieces the generator
   reuses with a KV cache.
+* Mixed precision: run ``model(batch)`` under ``torch.autocast`` (bf16, or fp16 with a GradScaler)
+  with fp32 parameters; the residual stream, norms' statistics, modality heads and losses stay fp32.
+  ``ModelConfig.activation_checkpointing``: per-block recomputation in the backward.
+  ``torch.compile(model, fullgraph=True)`` traces the whole training forward (docs/training_at_scale.md).
 * Distributed: wrap in DDP, or ``fully_shard`` each of ``model.layers`` then the model (FSDP2).
   Modality heads absent from a rank's batch join its loss with weight 0, so every rank uses
   every parameter.
@@ -50,6 +54,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import hf_weights, ops
 from .codec import check_codecs
@@ -57,6 +62,7 @@ from .config import IGNORE_INDEX, UNET_GROUPS, ModalityConfig, ModelConfig
 from .encoders import UNetPatchCoder
 from .generate import generate
 from .layout import Layout
+from .pack import check_batch_config
 from .schedules import get_schedule
 
 __all__ = ["ModalityConfig", "ModelConfig", "Model", "Block", "Attention", "FeedForward",
@@ -154,6 +160,14 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def full_precision(like: torch.Tensor):
+    """Autocast switched off for the block: the modality heads (timestep embedding, patch encoder
+    and decoder) run in the parameters' dtype. They hold a negligible share of the FLOPs, and
+    they carry what the diffusion loss is most sensitive to: the noised patches in, the predicted
+    noise out, and the timestep features (``docs/training_at_scale.md``)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int, freq_dim: int):
         super().__init__()
@@ -203,33 +217,39 @@ class ModalityHead(nn.Module):
 
     def encode(self, x_t: torch.Tensor, t: torch.Tensor, shapes=None):
         """x_t (N, P), t (N,) → embeddings (N, dim), the block conditioning (N, dim) or None, and
-        the U-Net state (None for the linear encoder). ``shapes``: the item shape of each span whose
-        rows ``x_t`` holds, span after span (the U-Net needs them; Python values, not tensors)."""
-        if self.coder is None:
-            if self.patch_add:
-                return self.encoder(x_t + self._embed_time(t)), None, None
-            return self.encoder(x_t), self._embed_time(t), None
-        if not shapes:
-            raise ValueError(f"modality {self.modality.name!r} (encoder='unet') needs the shapes of its spans "
-                             f"to encode them, got {shapes!r}")
-        sizes = [(int(shape[-2]), int(shape[-1])) for shape in shapes]
-        first, offset = [], 0
-        for size in sizes:
-            first.append(offset)
-            offset += self.modality.num_patches(size)
-        first_rows = torch.tensor(first, dtype=torch.long, device=t.device)
-        tokens, state = self.coder.encode(x_t, self._embed_time(t[first_rows]), sizes)
-        return tokens, (None if self.patch_add else self._embed_time(t)), state
+        the U-Net state (None for the linear encoder), in the parameters' dtype (outside autocast:
+        see :func:`full_precision`). ``shapes``: the item shape of each span whose rows ``x_t``
+        holds, span after span (the U-Net needs them; Python values, not tensors)."""
+        with full_precision(x_t):
+            if self.coder is None:
+                x_t = x_t.to(self.encoder.weight.dtype)
+                if self.patch_add:
+                    return self.encoder(x_t + self._embed_time(t)), None, None
+                return self.encoder(x_t), self._embed_time(t), None
+            if not shapes:
+                raise ValueError(f"modality {self.modality.name!r} (encoder='unet') needs the shapes of its "
+                                 f"spans to encode them, got {shapes!r}")
+            sizes = [(int(shape[-2]), int(shape[-1])) for shape in shapes]
+            first, offset = [], 0
+            for size in sizes:
+                first.append(offset)
+                offset += self.modality.num_patches(size)
+            first_rows = torch.tensor(first, dtype=torch.long, device=t.device)
+            x_t = x_t.to(self.time.mlp[0].weight.dtype)
+            tokens, state = self.coder.encode(x_t, self._embed_time(t[first_rows]), sizes)
+            return tokens, (None if self.patch_add else self._embed_time(t)), state
 
     def decode(self, h: torch.Tensor, state=None) -> torch.Tensor:
-        """The transformer's outputs on the span rows ``(N, dim)`` → the prediction ``(N, P)``;
-        ``state``: what :meth:`encode` returned for the same rows (U-Net only)."""
-        if self.coder is None:
-            return self.decoder(h)
-        if state is None:
-            raise ValueError(f"modality {self.modality.name!r} (encoder='unet') decodes with the state its "
-                             f"encode returned (the skip features), got state=None")
-        return self.coder.decode(h, state)
+        """The transformer's outputs on the span rows ``(N, dim)`` → the prediction ``(N, P)``, in
+        the parameters' dtype (outside autocast); ``state``: what :meth:`encode` returned for the
+        same rows (U-Net only)."""
+        with full_precision(h):
+            if self.coder is None:
+                return self.decoder(h.to(self.decoder.weight.dtype))
+            if state is None:
+                raise ValueError(f"modality {self.modality.name!r} (encoder='unet') decodes with the state its "
+                                 f"encode returned (the skip features), got state=None")
+            return self.coder.decode(h.to(self.time.mlp[0].weight.dtype), state)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -283,21 +303,30 @@ class Model(nn.Module):
         cond = torch.zeros_like(h) if adaln else None
         is_span = torch.zeros(tokens.shape[0], 1, dtype=h.dtype, device=h.device) if adaln else None
         for name, (rows, x_t, t, *shapes) in spans.items():
-            enc, c, state = self.heads[name].encode(x_t.to(h.dtype), t, shapes[0] if shapes else None)
+            enc, c, state = self.heads[name].encode(x_t, t, shapes[0] if shapes else None)   # (N, dim)
             if states is not None and state is not None:
                 states[name] = state
-            h = h.index_copy(0, rows, enc)
+            h = h.index_copy(0, rows, enc.to(h.dtype))
             if adaln:
-                cond = cond.index_copy(0, rows, c)
+                cond = cond.index_copy(0, rows, c.to(h.dtype))
                 is_span = is_span.index_fill(0, rows, 1.0)
         return h, cond, is_span
 
     def forward_hidden(self, h: torch.Tensor, positions: torch.Tensor, axial: torch.Tensor | None,
                        layout: Layout, cond: torch.Tensor | None = None,
                        span_rows: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
-        """The blocks and the final norm: h (T, dim) → (T, dim). ``kv_cache`` for generation."""
+        """The blocks and the final norm: h (T, dim) → (T, dim). ``kv_cache`` for generation.
+
+        With ``config.activation_checkpointing`` (in training mode, with grad enabled) each block
+        keeps only its input for the backward and recomputes its activations there.
+        """
+        checkpointing = (self.config.activation_checkpointing and self.training and kv_cache is None
+                         and torch.is_grad_enabled())
         for block in self.layers:
-            h = block(h, positions, axial, layout, cond, span_rows, kv_cache)
+            if checkpointing:
+                h = checkpoint(block, h, positions, axial, layout, cond, span_rows, use_reentrant=False)
+            else:
+                h = block(h, positions, axial, layout, cond, span_rows, kv_cache)
         h = self.norm(h)
         if self.final_adaln is not None:
             shift, scale = (self.final_adaln(F.silu(cond)) * span_rows).chunk(2, dim=-1)
@@ -319,6 +348,7 @@ class Model(nn.Module):
         ε − x0); ``diffusion_loss/<modality>`` per modality present in the batch; ``lm_tokens`` and
         ``spans`` counts.
         """
+        check_batch_config(batch, self.config)
         spans_in = {name: (s.rows, s.x_t, s.timesteps, s.shapes) for name, s in batch.spans.items()}
         states: dict = {}
         h, cond, span_rows = self.embed(batch.tokens, spans_in, states)
@@ -326,8 +356,11 @@ class Model(nn.Module):
 
         loss_rows = batch.loss_rows                                    # (M,) rows with a target
         if loss_rows.numel():
-            logits = self.output(h[loss_rows]).float()                 # (M, vocab)
-            lm_loss = F.cross_entropy(logits, batch.targets[loss_rows])
+            # The LM head and its cross-entropy fused, chunk by chunk of rows: the (M, vocab)
+            # logits never exist (ops.linear_cross_entropy; under autocast its matmuls run in the
+            # autocast dtype, the softmax and the loss in fp32).
+            lm_loss = ops.linear_cross_entropy(h[loss_rows], self.output.weight, batch.targets[loss_rows],
+                                               ignore_index=IGNORE_INDEX)
         else:
             lm_loss = self.output(h[:1]).float().sum() * 0.0
 

@@ -18,18 +18,20 @@ is taken as already encoded (no codec needed: a data pipeline may cache latents)
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from . import ops
+from .checks import MAX_SEED, check_bool, check_float, check_int, check_int_list, describe
 from .codec import Latents, check_codecs
 from .layout import Layout
 from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
 from .schedules import get_schedule
 
 __all__ = ["Batch", "SpanData", "pack", "prepare_sample", "check_span", "to_patches", "from_patches",
-           "span_positions", "PreparedSample", "encode_latent_items"]
+           "span_positions", "PreparedSample", "PACKED_FIELDS", "check_batch_config", "encode_latent_items"]
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Batch:
     span_timesteps: torch.Tensor  # (S,) long (DDPM) or float32 (flow)
     span_shapes: list = field(default_factory=list)   # per span: (modality name, item shape, sample)
     sample_lengths: list = field(default_factory=list)
+    config: ModelConfig | None = None   # the config pack() built it with (checked by Model.forward)
 
     @property
     def num_spans(self) -> int:
@@ -76,12 +79,62 @@ class Batch:
         return int(self.tokens.numel())
 
     def to(self, device) -> "Batch":
-        """The same batch on ``device`` (layout included)."""
-        return Batch(self.tokens.to(device), self.positions.to(device),
-                     None if self.axial is None else self.axial.to(device), self.layout.to(device),
-                     self.targets.to(device), self.loss_rows.to(device),
-                     {k: v.to(device) for k, v in self.spans.items()}, self.span_sizes.to(device),
-                     self.span_timesteps.to(device), list(self.span_shapes), list(self.sample_lengths))
+        """The same batch on ``device``; the layout goes with its attention tile tables for
+        ``device`` (built here, on the host: :meth:`Layout.to`)."""
+        tile_sizes = () if self.config is None else ops.attention_tile_sizes(device, self.config.head_dim)
+        batch = Batch(self.tokens.to(device), self.positions.to(device),
+                      None if self.axial is None else self.axial.to(device),
+                      self.layout.to(device, tile_sizes=tile_sizes),
+                      self.targets.to(device), self.loss_rows.to(device),
+                      {k: v.to(device) for k, v in self.spans.items()}, self.span_sizes.to(device),
+                      self.span_timesteps.to(device), list(self.span_shapes), list(self.sample_lengths),
+                      self.config)
+        return batch.mark_dynamic() if "torch._dynamo" in sys.modules else batch
+
+    def tensors(self) -> list:
+        """Every tensor of the batch, its layout's and the layout's cached tile tables included."""
+        found = [self.tokens, self.positions, self.targets, self.loss_rows, self.span_sizes,
+                 self.span_timesteps, *([] if self.axial is None else [self.axial])]
+        for s in self.spans.values():
+            found += [s.rows, s.x0, s.x_t, s.noise, s.timesteps, s.span_index]
+        return found + self.layout.tensors()
+
+    def mark_dynamic(self) -> "Batch":
+        """Mark the leading dim of every tensor as dynamic for ``torch.compile`` (returns self).
+
+        Every length in a batch (tokens, loss rows, span rows, spans, documents, tiles) changes
+        from one batch to the next; marked, a compiled model traces them symbolically the first
+        time instead of specializing on the first batch and recompiling on the second. Sizes 0
+        and 1 are still specialized by torch.compile (one more compilation when such a size
+        first changes). :func:`pack` and :meth:`to` call this once ``torch._dynamo`` is loaded
+        (that is, once ``torch.compile`` has been used in the process): importing it only for
+        this would add seconds to every eager program.
+        """
+        from torch._dynamo import maybe_mark_dynamic
+        for t in self.tensors():
+            if t.dim():
+                maybe_mark_dynamic(t, 0)
+        return self
+
+
+#: The ModelConfig fields that decide what a packed batch holds (token ids, the span rows of each
+#: modality and their patch size, timesteps, RoPE positions): a model reads a batch only if they match.
+PACKED_FIELDS = ("vocab_size", "bos_id", "eos_id", "boi_id", "eoi_id", "pad_id", "modalities", "diffusion_steps",
+                 "schedule", "span_positions", "objective")
+
+
+def check_batch_config(batch: Batch, config: ModelConfig) -> None:
+    """Raise ``ValueError`` naming every differing field when ``batch`` was packed with a config
+    that the model of ``config`` cannot read (see :data:`PACKED_FIELDS`)."""
+    if not isinstance(batch, Batch):
+        raise TypeError(f"batch must be a transfusion_fast.Batch (from pack), got {type(batch).__name__}")
+    if batch.config is None or batch.config is config:
+        return
+    diffs = [f"{name}: batch {getattr(batch.config, name)!r}, model {getattr(config, name)!r}"
+             for name in PACKED_FIELDS if getattr(batch.config, name) != getattr(config, name)]
+    if diffs:
+        raise ValueError("the batch was packed with a ModelConfig this model cannot read; differing fields: "
+                         + "; ".join(diffs) + " (pack with the model's config)")
 
 
 # ------------------------------------------------------------------------------------- patches
@@ -327,15 +380,14 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
     if not isinstance(samples, (list, tuple)) or len(samples) == 0:
         raise ValueError(f"samples must be a non-empty list of samples, got "
                          f"{type(samples).__name__ if not isinstance(samples, (list, tuple)) else 'an empty list'}")
-    drop = config.cfg_drop_prob if cfg_drop_prob is None else cfg_drop_prob
-    if not 0 <= drop <= 1:
-        raise ValueError(f"cfg_drop_prob must lie in [0, 1], got {drop!r}")
-    if not 0 <= caption_noise_prob <= 1:
-        raise ValueError(f"caption_noise_prob must lie in [0, 1], got {caption_noise_prob!r}")
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    drop = config.cfg_drop_prob if cfg_drop_prob is None else check_float("cfg_drop_prob", cfg_drop_prob, 0.0, 1.0)
+    check_float("caption_noise_prob", caption_noise_prob, 0.0, 1.0)
     T = config.diffusion_steps
-    if not 0 <= caption_max_timestep < T:
-        raise ValueError(f"caption_max_timestep must lie in [0, {T}), got {caption_max_timestep!r}")
-    gen = torch.Generator().manual_seed(int(seed))
+    check_int("caption_max_timestep", caption_max_timestep, 0, T - 1)
+    add_bos, add_eos = check_bool("add_bos", add_bos), check_bool("add_eos", add_eos)
+    gen = torch.Generator().manual_seed(check_int("seed", seed, 0, MAX_SEED - 1))
 
     kept = []
     for sample in samples:
@@ -360,12 +412,19 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
     all_spans = [(i, sp) for i, s in enumerate(prepared) for sp in s.spans]
     flow = config.is_flow
     if timesteps is not None:
-        timesteps = [float(t) if flow else int(t) for t in timesteps]
-        low, high = (0.0, 1.0) if flow else (0, T - 1)
-        if len(timesteps) != len(all_spans) or any(not low <= t <= high for t in timesteps):
+        if flow:
+            if isinstance(timesteps, torch.Tensor):
+                timesteps = timesteps.tolist()
+            if not isinstance(timesteps, (list, tuple)):
+                raise ValueError(f"timesteps must be a sequence of floats in [0, 1], got {describe(timesteps)}")
+            timesteps = [check_float(f"timesteps[{i}] (objective='flow')", t, 0.0, 1.0)
+                         for i, t in enumerate(timesteps)]
+        else:
+            timesteps = check_int_list("timesteps", timesteps, 0, T - 1)
+        if len(timesteps) != len(all_spans):
             expected = "[0, 1] (objective='flow')" if flow else f"[0, {T})"
             raise ValueError(f"timesteps must give one value in {expected} per span ({len(all_spans)} spans), "
-                             f"got {timesteps}")
+                             f"got {len(timesteps)} values")
     span_bounds, span_t, span_sizes, span_shapes = [], [], [], []
     per_mod: dict = {}
     is_span = torch.zeros(total, dtype=torch.bool)
@@ -438,5 +497,9 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
 
     batch = Batch(tokens, positions, axial, layout, targets, torch.nonzero(has_target).flatten(),
                   spans, torch.tensor(span_sizes, dtype=torch.float32),
-                  torch.tensor(span_t, dtype=torch.float32 if flow else torch.int64), span_shapes, lengths)
-    return batch if device is None or torch.device(device).type == "cpu" else batch.to(device)
+                  torch.tensor(span_t, dtype=torch.float32 if flow else torch.int64), span_shapes, lengths, config)
+    if device is not None and torch.device(device).type != "cpu":
+        return batch.to(device)
+    for pair in ops.attention_tile_sizes("cpu", config.head_dim):
+        layout.tile_table(*pair)
+    return batch.mark_dynamic() if "torch._dynamo" in sys.modules else batch

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from transfusion_fast.app.cli import main
 from transfusion_fast.checkpoint import load_checkpoint
@@ -75,17 +76,29 @@ def test_csv_task(tmp_path):
     assert original.min() >= -1.0 - 1e-3 and original.max() <= 1.0 + 1e-3
 
 
-def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="--task csv needs --data FILE.csv"):
-        main(["train", "--task", "csv", "--out", str(tmp_path), *TINY])
-    with pytest.raises(SystemExit, match="no checkpoint at"):
-        main(["sample", "--out", str(tmp_path / "nothing")])
-    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
-        main(["train", "--out", str(tmp_path / "empty"), "--resume", "--steps", "1", *TINY])
-    with pytest.raises(SystemExit):
+def _fails(capsys, argv, *words):
+    """``main(argv)`` exits with status 2 and one line on stderr holding ``words``."""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"transfusion-fast {argv[0]}: error: "), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_bad_arguments(tmp_path, capsys):
+    _fails(capsys, ["train", "--task", "csv", "--out", str(tmp_path), *TINY], "--task csv needs --data FILE.csv")
+    _fails(capsys, ["sample", "--out", str(tmp_path / "nothing")], "no checkpoint at")
+    _fails(capsys, ["train", "--out", str(tmp_path / "empty"), "--resume", "--steps", "1", *TINY],
+           "--resume: no checkpoint")
+    _fails(capsys, ["train", "--out", str(tmp_path), "--threads", "0"], "--threads", "got 0")
+    with pytest.raises(SystemExit) as info:
         main(["train", "--backend", "cuda-magic"])
-    with pytest.raises(SystemExit, match="--threads must be a positive int, got 0"):
-        main(["train", "--out", str(tmp_path), "--threads", "0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --backend: invalid choice: 'cuda-magic'" in err[0]
+    # --debug re-raises with the traceback instead
+    with pytest.raises(ValueError, match="--task csv needs --data FILE.csv"):
+        main(["train", "--task", "csv", "--out", str(tmp_path), "--debug", *TINY])
 
 
 def test_module_entry_point_help():
@@ -94,3 +107,15 @@ def test_module_entry_point_help():
     assert result.returncode == 0
     for command in ("train", "sample", "eval", "demo"):
         assert command in result.stdout
+
+
+def test_train_with_bf16_precision_keeps_fp32_parameters(tmp_path):
+    out = str(tmp_path / "bf16")
+    main(["train", "--out", out, "--steps", "2", "--precision", "bf16", *TINY])
+    model, info = load_checkpoint(os.path.join(out, "checkpoint.safetensors"))
+    assert info["extra"]["train"]["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    summary = json.load(open(os.path.join(out, "train_summary.json")))
+    assert np.isfinite(summary["final_loss"])
+    with pytest.raises(SystemExit):      # argparse names the choices
+        main(["train", "--out", out, "--precision", "fp8", *TINY])

@@ -61,8 +61,8 @@ def test_csv_windows(tmp_path):
     np.testing.assert_allclose(scaler.inverse(windows[0])[:, 0], [10, 11, 12, 13, 14], atol=1e-5)
     train, test = data.split_windows(windows)
     assert len(train) + len(test) == 16 and len(test) == 3
-    with pytest.raises(ValueError, match=r"length must be an int in \[1, 20\]"):
-        data.csv_windows(str(path), 21)
+    with pytest.raises(ValueError, match=r"prices.csv' has 20 data rows: windows of --length 12 need at least 21"):
+        data.csv_windows(str(path), 12)
 
 
 def test_model_range_round_trip():

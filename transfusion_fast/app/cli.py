@@ -12,7 +12,11 @@ fewer steps); ``--sampler`` picks the sampler (``ddim``/``ddpm`` for DDPM, ``eul
 flow). Training keeps an EMA of the weights (``--ema-decay``, 0 disables it); sampling uses the
 EMA weights unless ``--raw-weights``.
 
-``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`. Every
+``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`;
+``--precision fp32 | bf16 | fp16`` runs training and sampling under ``torch.autocast`` (fp32
+parameters; :func:`transfusion_fast.app.trainer.autocast`). A failure on the input prints one line
+naming the option or the file and exits with status 2 (``--debug`` or ``TRANSFUSION_FAST_DEBUG=1``
+shows the traceback instead). Every
 option left out takes the task's preset (:mod:`transfusion_fast.app.presets`, the registry that
 ``make demo`` runs with too).
 
@@ -26,7 +30,9 @@ The main-job commands (figures in the README)::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import sys
 import time
@@ -35,15 +41,23 @@ import torch
 
 from ..backend import BACKENDS, set_backend
 from ..checkpoint import load_checkpoint
+from ..checks import MAX_SIZE
 from .presets import OBJECTIVES, TASKS, preset
 from .tasks import DigitsTask, SeriesTask, make_task, task_from_checkpoint
-from .trainer import CHECKPOINT_NAME, train
+from .trainer import CHECKPOINT_NAME, MAX_TRAIN_SEED, PRECISIONS, autocast, train
 
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error of the CLI."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transfusion-fast", description="Train, sample and evaluate "
+    parser = _Parser(prog="transfusion-fast", description="Train, sample and evaluate "
                                      "Transfusion models on the main-job data (digits, sine, CSV).",
                                      epilog="Options left out take the task's preset "
                                      "(transfusion_fast/app/presets.py).")
@@ -58,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         # One thread by default: the demo's ops are small, and with more threads each step
         # spends its time in threads waiting on each other, most of all on a shared machine.
         p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+        p.add_argument("--debug", action="store_true",
+                       help=f"show the traceback of an error (also {DEBUG_ENV}=1)")
         if with_task:
             p.add_argument("--task", default=TASKS[0], choices=TASKS)
             p.add_argument("--data", default=None, help="CSV file for --task csv (rows = time)")
@@ -78,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training objective of the spans (default ddpm; flow: rectified flow)")
         p.add_argument("--ema-decay", type=float, default=None,
                        help="decay of the EMA of the weights used for sampling (0 disables it)")
+        precision(p)
+
+    def precision(p):
+        p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                       help="fp32, or bf16 / fp16 under torch.autocast with fp32 parameters")
 
     def sampling(p):
         p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per span")
@@ -96,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sample", help="sample from the checkpoint in --out")
     common(p, False)
     sampling(p)
+    precision(p)
     p = commands.add_parser("eval", help="evaluate the samples in --out, write metrics.json")
     common(p, False)
     p.add_argument("--metric-iterations", type=int, default=None,
@@ -126,21 +148,79 @@ def _make_task(args):
 def _checkpoint_path(args) -> str:
     path = os.path.join(args.out, CHECKPOINT_NAME)
     if not os.path.exists(path):
-        raise SystemExit(f"no checkpoint at {path!r}: run `transfusion-fast train --out {args.out}` first")
+        raise UsageError(f"no checkpoint at {path!r}: run `transfusion-fast train --out {args.out}` first")
     return path
+
+
+# ----------------------------------------------------------------------------- errors
+#: Set to 1 to see the traceback of an error (as --debug does).
+DEBUG_ENV = "TRANSFUSION_FAST_DEBUG"
+#: Exit status of a run that failed on its input (a bad argument, an unreadable file).
+EXIT_ERROR = 2
+
+
+class UsageError(ValueError):
+    """A bad command line or input file; its message names the argument or the file."""
+
+
+def _positive_int(args, flag: str, high: int = MAX_SIZE, low: int = 1) -> None:
+    value = getattr(args, flag[2:].replace("-", "_"), None)
+    if value is not None and not low <= value <= high:
+        raise UsageError(f"{flag} must be an int in [{low}, {high}], got {value}")
+
+
+def _validate(args) -> None:
+    """Check every option before any work: the message names the option and the value."""
+    for flag in ("--steps", "--batch-size", "--dim", "--depth", "--heads", "--checkpoint-every", "--length",
+                 "--num-samples", "--sample-steps", "--per-digit", "--held-out", "--metric-iterations",
+                 "--threads"):
+        _positive_int(args, flag)
+    _positive_int(args, "--seed", MAX_TRAIN_SEED, low=0)
+    for flag, low, low_open in (("--lr", 0.0, True), ("--cfg-scale", 0.0, False)):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None and not (math.isfinite(value) and (value > low if low_open else value >= low)):
+            raise UsageError(f"{flag} must be a finite number {'>' if low_open else '>='} {low:g}, got {value}")
+    ema_decay = getattr(args, "ema_decay", None)
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise UsageError(f"--ema-decay must be a number in [0, 1) (0 disables the EMA), got {ema_decay}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--device {args.device!r} is not a torch device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file; it must be a run directory")
+    data = getattr(args, "data", None)
+    if data is not None and not os.path.isfile(data):
+        raise UsageError(f"--data {data!r}: {'is a directory' if os.path.isdir(data) else 'no such file'}")
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        message = f"{error.strerror}: {error.filename!r}"
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.split())
 
 
 def cmd_train(args) -> dict:
     task = _make_task(args)
     steps = _setting(args, "steps", task.name)
-    config = task.model_config(dim=_setting(args, "dim", task.name), depth=_setting(args, "depth", task.name),
-                               heads=_setting(args, "heads", task.name),
-                               objective=_setting(args, "objective", task.name))
+    dim, depth, heads = (_setting(args, name, task.name) for name in ("dim", "depth", "heads"))
+    try:
+        config = task.model_config(dim=dim, depth=depth, heads=heads,
+                                   objective=_setting(args, "objective", task.name))
+    except ValueError as error:
+        raise UsageError(f"--dim {dim} --depth {depth} --heads {heads} give no valid model: {error}") from None
     t0 = time.perf_counter()
     model, history = train(task, args.out, steps=steps, batch_size=_setting(args, "batch_size", task.name),
                            lr=_setting(args, "lr", task.name), model_config=config, device=args.device,
                            checkpoint_every=_setting(args, "checkpoint_every", task.name),
                            resume=args.resume, progress=not args.no_progress, seed=args.seed,
+                           precision=args.precision,
                            ema_decay=args.ema_decay if args.resume else _setting(args, "ema_decay", task.name))
     summary = {"task": task.name, "steps": steps, "objective": model.config.objective,
                "ema_decay": 0.0 if history["ema"] is None else history["ema"].decay,
@@ -159,22 +239,37 @@ def cmd_sample(args) -> dict:
     task, model, info = task_from_checkpoint(_checkpoint_path(args), device=args.device,
                                              use_ema=not args.raw_weights)
     objective = model.config.objective
-    kwargs = {"steps": _setting(args, "sample_steps", task.name, objective), "seed": args.seed,
-              "progress": not args.no_progress, "sampler": _setting(args, "sampler", task.name, objective),
-              "weights": info["weights"]}
+    steps = _setting(args, "sample_steps", task.name, objective)
+    if not model.config.is_flow and steps > model.config.diffusion_steps:
+        raise UsageError(f"--sample-steps must be at most the model's {model.config.diffusion_steps} diffusion "
+                         f"steps, got {steps}")
+    held_out = getattr(args, "held_out", None)
+    if task.name == "digits" and held_out is not None and held_out > len(task.data.test_images):
+        raise UsageError(f"--held-out must be at most {len(task.data.test_images)} (the held-out images), "
+                         f"got {held_out}")
+    kwargs = {"steps": steps, "seed": args.seed, "progress": not args.no_progress,
+              "sampler": _setting(args, "sampler", task.name, objective), "weights": info["weights"]}
     if task.name == "digits":
         kwargs.update(per_digit=_setting(args, "per_digit", task.name, objective),
                       cfg_scale=_setting(args, "cfg_scale", task.name, objective),
                       held_out=args.held_out)
-    result = task.sample(model, args.out, **kwargs)
+    with autocast(args.device, args.precision):
+        result = task.sample(model, args.out, **kwargs)
     print(f"sampled with the {info['weights']} weights into {args.out}: "
           + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
 
 
 def cmd_eval(args) -> dict:
-    _, info = load_checkpoint(_checkpoint_path(args))
-    task = make_task(info["extra"]["task"])
+    path = _checkpoint_path(args)
+    spec = load_checkpoint(path)[1]["extra"].get("task")
+    if not spec:
+        raise UsageError(f"checkpoint {path!r} holds no task description (it was not written by "
+                         f"transfusion-fast train)")
+    task = make_task(spec)
+    samples = os.path.join(args.out, "samples.pt" if task.name == "digits" else "samples.npy")
+    if not os.path.isfile(samples):
+        raise UsageError(f"no samples at {samples!r}: run `transfusion-fast sample --out {args.out}` first")
     t0 = time.perf_counter()
     if task.name == "digits":
         result = task.evaluate(args.out)
@@ -205,15 +300,31 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": 
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``transfusion-fast`` console script."""
+    """Entry point of the ``transfusion-fast`` console script.
+
+    Returns 0 on success. A failure on the input (a bad option, a missing, unreadable or corrupt file:
+    ValueError, OSError and their kin) prints one line ``transfusion-fast <command>: error: ...`` on
+    stderr, naming the option or the file, and returns 2 (argparse's own usage errors exit with 2 too);
+    with ``--debug`` or ``TRANSFUSION_FAST_DEBUG=1`` it raises instead, with its traceback. Ctrl-C
+    returns 130. Anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
-    set_backend(args.backend)
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be a positive int, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
-    COMMANDS[args.command](args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        _validate(args)
+        set_backend(args.backend)
+        torch.set_num_threads(args.threads)
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"transfusion-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, csv.Error) as error:       # UnicodeDecodeError, CheckpointError: ValueErrors
+        if debug:
+            raise
+        print(f"transfusion-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

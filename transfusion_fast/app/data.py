@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["DIGIT_WORDS", "CAPTION_TEMPLATES", "DigitsData", "load_digits_data", "caption_for",
            "label_from_caption", "MinMaxScaler", "sine_windows", "csv_windows", "sliding_windows",
-           "split_windows", "to_model_range", "from_model_range"]
+           "split_windows", "to_model_range", "from_model_range", "MIN_WINDOWS"]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Variation in the caption-to-image direction; image-to-caption trains on the first (canonical) one
@@ -133,6 +133,11 @@ class MinMaxScaler:
                 ).astype(np.float32)
 
 
+#: Fewest windows a time-series task works with: a training set, and a held-out set of >= 2 windows
+#: for the metrics.
+MIN_WINDOWS = 10
+
+
 def sine_windows(num_samples: int, length: int, features: int = 5, seed: int = 0) -> np.ndarray:
     """The TimeGAN sine benchmark: ``(num_samples, length, features)`` float32 in [0, 1].
 
@@ -166,9 +171,15 @@ def sliding_windows(series: np.ndarray, length: int, stride: int = 1) -> np.ndar
 
 def read_csv_table(path: str) -> np.ndarray:
     """The numeric columns of a CSV file as ``(rows, columns)`` float64; a header row and
-    non-numeric columns (dates, tickers) are skipped."""
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    non-numeric columns (dates, tickers) are skipped. Errors name the file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--data {path!r} is not a UTF-8 text file (byte {error.start}: "
+                         f"{error.reason}); a CSV file is needed") from None
+    except csv.Error as error:
+        raise ValueError(f"--data {path!r} is not a readable CSV file: {error}") from None
     if not rows:
         raise ValueError(f"--data {path!r}: the file holds no rows")
 
@@ -179,18 +190,28 @@ def read_csv_table(path: str) -> np.ndarray:
             return None
 
     body = rows[1:] if all(number(c) is None for c in rows[0] if c.strip()) else rows
+    if not body:
+        raise ValueError(f"--data {path!r}: the file holds a header row and no data rows")
     width = max(len(r) for r in body)
     numeric_cols = [c for c in range(width)
                     if all(c < len(r) and number(r[c]) is not None for r in body)]
     if not numeric_cols:
         raise ValueError(f"--data {path!r}: no column is numeric in every row")
-    return np.array([[float(r[c]) for c in numeric_cols] for r in body], dtype=np.float64)
+    table = np.array([[float(r[c]) for c in numeric_cols] for r in body], dtype=np.float64)
+    if not np.isfinite(table).all():
+        row = int(np.nonzero(~np.isfinite(table).all(axis=1))[0][0])
+        raise ValueError(f"--data {path!r}: data row {row} holds NaN or inf")
+    return table
 
 
 def csv_windows(path: str, length: int, stride: int = 1) -> tuple[np.ndarray, MinMaxScaler]:
     """Sliding windows of the CSV at ``path`` (rows = time), each column min-max scaled to [0, 1]
     over the whole file (as in TimeGAN), and the scaler to map samples back to the data's units."""
     table = read_csv_table(path)
+    needed = length + (MIN_WINDOWS - 1) * stride
+    if table.shape[0] < needed:
+        raise ValueError(f"--data {path!r} has {table.shape[0]} data rows: windows of --length {length} need at "
+                         f"least {needed} (for {MIN_WINDOWS} windows to split into training and held-out sets)")
     scaler = MinMaxScaler.fit(table)
     return sliding_windows(scaler.transform(table), length, stride), scaler
 

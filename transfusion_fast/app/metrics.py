@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 import torch
 
+from ..checks import MAX_SIZE, check_int
 from .data import label_from_caption, load_digits_data
 
 __all__ = ["DigitClassifier", "digit_classifier", "conditional_accuracy", "captioning_accuracy",
@@ -139,6 +140,9 @@ def _check_windows(name: str, x) -> torch.Tensor:
 
 
 def _train(model, loss_fn, inputs, targets, iterations, batch_size, seed):
+    # An untrained network would score as if the data were perfect (LDS 0): no zero-iteration run.
+    check_int("iterations", iterations, 1, MAX_SIZE)
+    check_int("batch_size", batch_size, 1, MAX_SIZE)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(iterations):

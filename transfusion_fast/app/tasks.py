@@ -204,6 +204,11 @@ class SeriesTask:
         num_samples = preset(kind).num_samples if num_samples is None else num_samples
         if kind == "csv" and not data_path:
             raise ValueError("--task csv needs --data FILE.csv")
+        if not isinstance(length, int) or length < 2:
+            raise ValueError(f"--length must be an int >= 2 (frames per window), got {length!r}")
+        if kind == "sine" and (not isinstance(num_samples, int) or num_samples < data_mod.MIN_WINDOWS):
+            raise ValueError(f"--num-samples must be an int >= {data_mod.MIN_WINDOWS} (windows to split into "
+                             f"training and held-out sets), got {num_samples!r}")
         self.name, self.length, self.seed, self.data_path = kind, length, seed, data_path
         self.num_samples = num_samples
         self.scaler = None

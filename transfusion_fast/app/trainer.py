@@ -21,16 +21,42 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checks import MAX_SIZE, check_float, check_int
 from ..config import ModelConfig
 from ..ema import EMA
 from ..model import Model
 from ..pack import pack
 from .presets import preset
 
-__all__ = ["train", "load_model", "CHECKPOINT_NAME"]
+__all__ = ["train", "load_model", "CHECKPOINT_NAME", "MAX_TRAIN_SEED", "PRECISIONS", "autocast"]
 
 #: the file a run directory keeps its checkpoint in
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: Largest seed of a run: every pack seed ``seed * 1_000_003 + step`` stays below 2**63.
+MAX_TRAIN_SEED = 2 ** 32 - 1
+#: --precision: fp32 parameters always; "bf16" / "fp16" run the forward under torch.autocast
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, precision: str):
+    """The ``torch.autocast`` context of ``precision`` on ``device`` (disabled for ``"fp32"``).
+
+    Raises ``ValueError`` naming the setting when the device cannot honour it: an unknown
+    precision, a device type without autocast here, bf16 on a GPU without bf16 arithmetic.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"precision={precision!r} needs a cpu or cuda device (torch.autocast), got "
+                         f"device {str(device)!r}; use precision='fp32'")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16' needs a GPU with bf16 arithmetic (sm_80 or newer), got "
+                         f"{torch.cuda.get_device_name(device)}; use precision='fp16'")
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -49,18 +75,22 @@ def _check_ema_decay(ema_decay) -> float:
 def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | None = None,
           lr: float | None = None, warmup: int | None = None, model_config: ModelConfig | None = None,
           device="cpu", checkpoint_every: int | None = None, resume: bool = False,
-          progress: bool = True, seed: int = 0, ema_decay: float | None = None) -> tuple:
+          progress: bool = True, seed: int = 0, precision: str = "fp32",
+          ema_decay: float | None = None) -> tuple:
     """Train on ``task`` for ``steps`` optimizer steps in total; checkpoint to
     ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` steps and at the end.
 
     Every setting left ``None`` (and the model, without ``model_config``) comes from the task's
     preset (:mod:`transfusion_fast.app.presets`) for the model's objective. With ``resume`` the
     checkpoint in ``out_dir`` (weights, optimizer, EMA, step) is loaded and training continues up
-    to ``steps``. ``ema_decay``: the EMA of the weights (0 disables it; on resume ``None`` keeps the
+    to ``steps``. ``precision`` ("fp32" | "bf16" | "fp16", :data:`PRECISIONS`): the parameters, the
+    optimizer and the EMA stay fp32, the forward runs under ``torch.autocast`` (fp16 with a gradient
+    scaler). ``ema_decay``: the EMA of the weights (0 disables it; on resume ``None`` keeps the
     run's own, and an EMA the run did not keep starts at the resumed weights). Returns ``(model,
     history)`` where history holds the loss curve (every step), the throughput and the EMA
     (``history["ema"]``, None when disabled); the model holds the trained (raw) weights.
     """
+    amp = autocast(device, precision)
     path = os.path.join(out_dir, CHECKPOINT_NAME)
     saved_decay = None
     torch.manual_seed(seed)
@@ -82,8 +112,10 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
     checkpoint_every = defaults.checkpoint_every if checkpoint_every is None else checkpoint_every
     ema_decay = _check_ema_decay(ema_decay)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value, 1, MAX_SIZE)
+    check_int("warmup", warmup, 0, MAX_SIZE)
+    check_float("lr", lr, 0.0, low_open=True)
+    check_int("seed", seed, 0, MAX_TRAIN_SEED)
     os.makedirs(out_dir, exist_ok=True)
     start = 0
     model.to(device).train()
@@ -98,7 +130,10 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
         elif ema is not None:
             ema.decay = ema_decay                       # the saved averages go on with the decay asked for
     extra = {"task": task.spec(), "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
-                                            "warmup": warmup, "seed": seed, "ema_decay": ema_decay}}
+                                            "warmup": warmup, "seed": seed, "precision": precision,
+                                            "ema_decay": ema_decay}}
+    # fp16's narrow exponent range underflows small gradients: scale the loss (a no-op otherwise).
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
     history = {"loss": [], "lm_loss": [], "diffusion_loss": [], "tokens": 0, "seconds": 0.0}
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="train")
@@ -108,11 +143,14 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
                      seed=seed * 1_000_003 + step, device=device, codecs=model.codecs)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, lr, warmup)
-        out = model(batch)
+        with amp:
+            out = model(batch)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        scaler.scale(out["loss"]).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if ema is not None:
             ema.update(model)
         elapsed = time.perf_counter() - t0

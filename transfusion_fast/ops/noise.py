@@ -24,7 +24,7 @@ from .. import _ext
 from .. import backend as _backend
 from ..schedules import Schedule
 from .validation import (check_like, check_prediction, check_rows, check_schedule, check_seed, check_timesteps,
-                         resolve_seed)
+                         check_zero_snr, resolve_seed)
 
 __all__ = ["add_noise", "add_noise_reference", "check_add_noise_inputs", "diffusion_target",
            "predicted_x0", "predicted_eps", "philox4x32_10_reference", "philox_normal_reference"]
@@ -261,6 +261,7 @@ def predicted_x0(x_t: torch.Tensor, model_out: torch.Tensor, timesteps: torch.Te
     """x0 implied by a model output at ``x_t``: ``(x_t − sqrt(1−ᾱ)·ε)/sqrt(ᾱ)`` for ``"eps"``,
     ``model_out`` for ``"x0"``, ``sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v`` for ``"v"``."""
     _check_pair("x_t", x_t, "model_out", model_out, timesteps, schedule, prediction)
+    check_zero_snr("timesteps", timesteps, schedule, prediction)
     if prediction == "x0":
         return model_out
     a, b = _row_sqrt_coefficients(schedule, timesteps, x_t)

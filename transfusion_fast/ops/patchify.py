@@ -10,14 +10,27 @@ devices under ``auto`` and ``triton``: there is no Triton version of this pure d
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _ext
 from .. import backend as _backend
+from ..checks import MAX_ELEMENTS, MAX_SIZE, check_int, describe
 
 __all__ = ["patchify", "unpatchify", "patchify_reference", "unpatchify_reference",
            "check_patchify_inputs", "check_unpatchify_inputs", "patchify_packed", "unpatchify_packed",
            "patchify_packed_reference", "unpatchify_packed_reference"]
+
+
+def _check_patch_size(p) -> None:
+    check_int("patch size p", p, 1, MAX_SIZE)
+
+
+def _check_output_size(what: str, shape) -> None:
+    numel = math.prod(shape)
+    if numel > MAX_ELEMENTS:
+        raise ValueError(f"{what} would have shape {tuple(shape)}: {numel} elements, more than {MAX_ELEMENTS}")
 
 
 def check_patchify_inputs(images: torch.Tensor, p: int) -> None:
@@ -26,8 +39,7 @@ def check_patchify_inputs(images: torch.Tensor, p: int) -> None:
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point, got {images.dtype}")
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(f"patch size p must be a positive int, got {p!r}")
+    _check_patch_size(p)
     _, _, h, w = images.shape
     if h % p or w % p:
         raise ValueError(f"image height and width must be divisible by the patch size p={p}, got H={h}, W={w}")
@@ -39,21 +51,17 @@ def check_unpatchify_inputs(patches: torch.Tensor, p: int, height: int, width: i
                          f"{tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__}")
     if not patches.is_floating_point():
         raise ValueError(f"patches must be floating point, got {patches.dtype}")
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(f"patch size p must be a positive int, got {p!r}")
+    _check_patch_size(p)
     for name, size in (("height", height), ("width", width)):
-        if not isinstance(size, int) or size < 1 or size % p:
+        check_int(name, size, 1, MAX_SIZE)
+        if size % p:
             raise ValueError(f"{name} must be a positive multiple of p={p}, got {size!r}")
     if patches.shape[2] % (p * p):
         raise ValueError(f"the last dim of patches must be p*p*C = a multiple of {p * p}, got {patches.shape[2]}")
     expected = (height // p) * (width // p)
     if patches.shape[1] != expected:
         raise ValueError(f"expected {expected} patches for a {height}x{width} image with p={p}, got {patches.shape[1]}")
-
-
-def _check_patch_size(p) -> None:
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(f"patch size p must be a positive int, got {p!r}")
+    _check_output_size("unpatchify's output", (patches.shape[0], patches.shape[2] // (p * p), height, width))
 
 
 def check_patchify_packed_inputs(images, p: int) -> None:
@@ -82,11 +90,14 @@ def check_unpatchify_packed_inputs(patches, offsets, p: int, sizes) -> None:
     if patches.shape[1] % (p * p):
         raise ValueError(f"the last dim of patches must be p*p*C = a multiple of {p * p}, got {patches.shape[1]}")
     if not isinstance(sizes, (list, tuple)) or not sizes or not all(
-            isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v > 0 and v % p == 0 for v in s)
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIZE and v % p == 0 for v in s)
             for s in sizes):
-        raise ValueError(f"sizes must be a non-empty list of (height, width) pairs, positive multiples of p={p}, "
-                         f"got {sizes!r}")
+        raise ValueError(f"sizes must be a non-empty list of (height, width) pairs, positive multiples of p={p} "
+                         f"and at most {MAX_SIZE}, got {describe(sizes)}")
     counts = [(h // p) * (w // p) for h, w in sizes]
+    if sum(counts) > MAX_ELEMENTS:
+        raise ValueError(f"sizes give {sum(counts)} patches, more than {MAX_ELEMENTS}")
     expected = torch.tensor([0] + counts).cumsum(0)
     if not isinstance(offsets, torch.Tensor) or offsets.shape != expected.shape or not torch.equal(
             offsets.detach().cpu().long(), expected):
@@ -94,6 +105,8 @@ def check_unpatchify_packed_inputs(patches, offsets, p: int, sizes) -> None:
                          f"{offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets!r}")
     if patches.shape[0] != int(expected[-1]):
         raise ValueError(f"sizes give {int(expected[-1])} patches, got {patches.shape[0]} rows")
+    channels = patches.shape[1] // (p * p)
+    _check_output_size("unpatchify_packed's output", (sum(h * w for h, w in sizes), channels))
 
 
 def patchify_reference(images: torch.Tensor, p: int) -> torch.Tensor:

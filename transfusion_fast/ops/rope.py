@@ -28,6 +28,7 @@ import functools
 import torch
 
 from transfusion_fast.backend import resolve
+from transfusion_fast.checks import check_bool, check_float, describe
 from transfusion_fast.kernels import rope as rope_kernels
 
 __all__ = ["apply_rope", "apply_rope_reference", "rope_angles", "rope_inv_freq", "check_rope_inputs"]
@@ -85,6 +86,11 @@ def check_rope_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if not isinstance(positions, torch.Tensor):
+        raise ValueError(f"positions must be an int32/int64 tensor of shape (tokens,) or (tokens, 2), got "
+                         f"{describe(positions)}")
+    if axial is not None and not isinstance(axial, torch.Tensor):
+        raise ValueError(f"axial must be None or a bool tensor of shape ({q.shape[0]},), got {describe(axial)}")
     if q.device != k.device or positions.device != q.device:
         raise ValueError(f"q, k and positions must be on one device, got {q.device}, {k.device}, "
                          f"{positions.device}")
@@ -109,8 +115,7 @@ def check_rope_inputs(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         raise ValueError(f"positions must have shape (tokens,) or (tokens, 2), got {tuple(positions.shape)}")
     elif axial is not None:
         raise ValueError("axial is only meaningful with 2-D positions of shape (tokens, 2)")
-    if not theta > 0:
-        raise ValueError(f"theta must be positive, got {theta}")
+    check_float("theta", theta, 0.0, low_open=True)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -141,6 +146,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta:
     that require grad while grad mode is on.
     """
     check_rope_inputs(q, k, positions, axial, theta)
+    interleaved = check_bool("interleaved", interleaved)
+    inplace = check_bool("inplace", inplace)
     if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise ValueError("apply_rope(inplace=True) has no autograd: got q or k with requires_grad=True "
                          "under grad mode; use inplace=False for training")

@@ -37,18 +37,18 @@ Triton version of these ops. Sampling is inference: the ops have no autograd.
 """
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import torch
 
 from .. import _ext
 from .. import backend as _backend
-from ..schedules import Schedule
+from ..schedules import MAX_DIFFUSION_STEPS, Schedule
 from .flow import check_flow_times
 from .noise import philox_normal_reference, predicted_eps, predicted_x0
+from ..checks import check_float, check_int
 from .validation import (PREDICTIONS, check_like, check_prediction, check_rows, check_schedule, check_seed,
-                         check_timesteps, resolve_seed)
+                         check_timesteps, check_zero_snr, resolve_seed)
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_step_reference", "ddim_step_reference", "inference_timesteps",
            "check_step_inputs", "euler_step", "heun_step", "euler_step_reference", "heun_step_reference",
@@ -61,10 +61,10 @@ _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTIONS)}
 def inference_timesteps(num_train_steps: int = 1000, num_inference_steps: int = 250) -> torch.Tensor:
     """The descending int64 timesteps of a strided sampler, diffusers' ``"trailing"`` spacing:
     ``round(T − k·T/n) − 1`` for ``k = 0 … n−1`` (ties to even, as numpy), e.g. 999, 995, …, 3 for
-    1000 → 250. Step ``k`` goes from ``timesteps[k]`` to ``timesteps[k+1]``, the last one to -1 (x0)."""
-    for name, value in (("num_train_steps", num_train_steps), ("num_inference_steps", num_inference_steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    1000 → 250. Step ``k`` goes from ``timesteps[k]`` to ``timesteps[k+1]``, the last one to -1 (x0).
+    Both counts are ints in ``[1, MAX_DIFFUSION_STEPS]``."""
+    check_int("num_train_steps", num_train_steps, 1, MAX_DIFFUSION_STEPS)
+    check_int("num_inference_steps", num_inference_steps, 1, MAX_DIFFUSION_STEPS)
     if num_inference_steps > num_train_steps:
         raise ValueError(f"num_inference_steps must be <= num_train_steps={num_train_steps}, got "
                          f"{num_inference_steps}")
@@ -85,14 +85,13 @@ def check_step_inputs(x_t, model_out, t, t_prev, schedule, prediction, uncond_ou
         raise ValueError(f"t_prev must be < t in every row (a step goes back in time), got t={int(t[row])} "
                          f"t_prev={int(t_prev[row])} in row {row}")
     check_prediction(prediction)
+    check_zero_snr("t", t, schedule, prediction)
     if uncond_out is not None:
         check_like("uncond_out", uncond_out, x_t, "x_t")
-    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
-        raise ValueError(f"cfg_scale must be a float, got {cfg_scale!r}")
+    cfg_scale = check_float("cfg_scale", cfg_scale)
     if uncond_out is None and cfg_scale != 1.0:
         raise ValueError(f"cfg_scale={cfg_scale} needs uncond_out (the unconditional model output)")
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    check_float("eta", eta, 0.0)
     if noise is not None:
         check_like("noise", noise, x_t, "x_t")
         if seed is not None:
@@ -239,8 +238,7 @@ def check_flow_step_inputs(x_t, model_out, t, t_next, uncond_out, cfg_scale, x_p
                          f"t={float(t[row])!r} t_next={float(t_next[row])!r} in row {row}")
     if uncond_out is not None:
         check_like("uncond_out", uncond_out, x_t, "x_t")
-    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite float, got {cfg_scale!r}")
+    cfg_scale = check_float("cfg_scale", cfg_scale)
     if uncond_out is None and cfg_scale != 1.0:
         raise ValueError(f"cfg_scale={cfg_scale} needs uncond_out (the unconditional model output)")
 

@@ -7,27 +7,28 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import MAX_SEED, describe
 from ..schedules import Schedule
 
 __all__ = ["PREDICTIONS", "MAX_SEED", "describe", "check_prediction", "check_timesteps", "check_schedule",
-           "check_like", "check_rows", "check_seed", "resolve_seed"]
+           "check_like", "check_rows", "check_seed", "resolve_seed", "check_zero_snr"]
 
 #: Prediction types of a diffusion model's output (the index is the code the compiled kernels take).
 PREDICTIONS = ("eps", "x0", "v")
-#: Seeds are ints in [0, MAX_SEED): a 64-bit Philox key, kept non-negative for the int64 op schema.
-MAX_SEED = 2 ** 63
-
-
-def describe(value) -> str:
-    """What an argument is, for an error message."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}"
 
 
 def check_prediction(prediction) -> None:
-    if prediction not in PREDICTIONS:
+    if not isinstance(prediction, str) or prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def check_zero_snr(name: str, timesteps: torch.Tensor, schedule: Schedule, prediction: str) -> None:
+    """An ε prediction says nothing about x0 where ᾱ_t = 0 (a zero-terminal-SNR schedule's last step:
+    x0 = (x_t − ε)/0); refuse it there instead of returning NaN / inf."""
+    if prediction == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0 and timesteps.numel() \
+            and bool((timesteps == schedule.num_steps - 1).any()):
+        raise ValueError(f"{name} holds step {schedule.num_steps - 1}, where the schedule's alpha_bar is 0 (zero "
+                         f"terminal SNR): prediction='eps' cannot give x0 there; use prediction 'v' or 'x0'")
 
 
 def check_timesteps(name: str, timesteps, rows: int, device, schedule: Schedule, allow_final: bool = False) -> None:
@@ -40,7 +41,9 @@ def check_timesteps(name: str, timesteps, rows: int, device, schedule: Schedule,
     if timesteps.device != torch.device(device):
         raise ValueError(f"{name} is on {timesteps.device} but the data is on {device}")
     low = -1 if allow_final else 0
-    if timesteps.numel():
+    # Inside a torch.compile graph the range scan would be a graph break and a device sync per
+    # call; the values were checked where they were made (pack, the samplers' schedules).
+    if timesteps.numel() and not torch.compiler.is_compiling():
         lo, hi = int(timesteps.min()), int(timesteps.max())
         if lo < low or hi >= schedule.num_steps:
             raise ValueError(f"{name} must lie in [{low}, {schedule.num_steps}), got values from {lo} to {hi}")
@@ -66,7 +69,7 @@ def check_rows(name: str, x) -> None:
 
 def check_seed(seed) -> None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {describe(seed)}")
 
 
 def resolve_seed(seed: int | None) -> int:
