@@ -116,3 +116,26 @@ def test_flow_variant_through_the_cli(tmp_path):
     assert isinstance(flow_model, Model)
     with pytest.raises(ValueError, match=r"sampler must be one of \('euler', 'heun'\).*'flow'.*got 'ddim'"):
         task.sample(flow_model, out, per_digit=1, steps=2, sampler="ddim", held_out=1, progress=False)
+
+
+def test_bf16_flow_training_keeps_an_fp32_ema_that_resumes(task, tmp_path):
+    """precision='bf16' (autocast, fp32 parameters) with the EMA: the averages stay fp32, are saved
+    with the checkpoint and continue exactly on resume."""
+    straight, history = _train(task, tmp_path / "straight", 4, ema_decay=0.9, objective="flow", precision="bf16")
+    ema = history["ema"]
+    assert ema.num_updates == 4 and all(a.dtype == torch.float32 for a in ema.averages)
+    assert all(p.dtype == torch.float32 for p in straight.parameters())
+    _train(task, tmp_path / "resumed", 2, ema_decay=0.9, objective="flow", precision="bf16")
+    _, again = train(task, str(tmp_path / "resumed"), steps=4, resume=True, progress=False, batch_size=4, lr=1e-2,
+                     warmup=1, checkpoint_every=2, precision="bf16")
+    for name, a, b in zip(ema.names, ema.averages, again["ema"].averages):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    _, info = load_model(os.path.join(tmp_path / "resumed", CHECKPOINT_NAME))
+    assert info["extra"]["train"]["precision"] == "bf16" and info["weights"] == "ema"
+
+
+@pytest.mark.parametrize("value", ["1", "-0.5", "nan"])
+def test_cli_refuses_a_bad_ema_decay(tmp_path, capsys, value):
+    code = main(["train", "--out", str(tmp_path), "--steps", "1", "--ema-decay", value, *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "--ema-decay must be a number in [0, 1)" in err and f"got {float(value)}" in err
