@@ -358,3 +358,12 @@ def test_flow_model_compiles_fullgraph(encoder):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"batch {i}: {name}")
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+def test_a_flow_batch_cannot_feed_a_ddpm_model():
+    """Float times in [0, 1] would read as DDPM steps 0 and 1: the objective is a packed field."""
+    batch = pack(samples(), flow_config(), seed=0)
+    with pytest.raises(ValueError, match=r"differing fields: objective: batch 'flow', model 'ddpm'"):
+        Model(flow_config(objective="ddpm"))(batch)
+    with pytest.raises(ValueError, match=r"objective: batch 'ddpm', model 'flow'"):
+        Model(flow_config())(pack(samples(), flow_config(objective="ddpm"), seed=0))
