@@ -29,7 +29,8 @@ def restore_backend():
 
 
 def _train(task, out, steps, **kwargs):
-    config = task.model_config(dim=32, depth=1, heads=2, objective=kwargs.pop("objective", "ddpm"))
+    config = kwargs.pop("model_config", None) or task.model_config(dim=32, depth=1, heads=2,
+                                                                  objective=kwargs.pop("objective", "ddpm"))
     kwargs = {"batch_size": 4, "lr": 1e-2, "warmup": 1, "checkpoint_every": 2, "progress": False,
               "model_config": config, **kwargs}
     return train(task, str(out), steps=steps, **kwargs)
@@ -139,3 +140,33 @@ def test_cli_refuses_a_bad_ema_decay(tmp_path, capsys, value):
     code = main(["train", "--out", str(tmp_path), "--steps", "1", "--ema-decay", value, *TINY])
     err = capsys.readouterr().err
     assert code == 2 and "--ema-decay must be a number in [0, 1)" in err and f"got {float(value)}" in err
+
+
+def test_the_trainer_encodes_a_latent_modality_with_a_frozen_vae(task, tmp_path):
+    """train(codecs=...): the digits (1 x 8 x 8 pixels) reach the model as 4 x 4 x 4 latents of a
+    tiny random AutoencoderKL; the VAE gets no gradient, stays unchanged and out of the checkpoint."""
+    import dataclasses
+
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (requirements-test.txt)")
+    from transfusion_fast import LatentCodec, ModalityConfig
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                  sample_size=8)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    latent = ModalityConfig("image", "image", channels=4, patch_size=2, max_size=4)
+    config = dataclasses.replace(task.model_config(dim=32, depth=1, heads=2, objective="flow"), modalities=(latent,))
+    with pytest.raises(ValueError, match=r"channels"):      # the pixels do not fit the latent config
+        _train(task, tmp_path / "pixels", 1, model_config=config)
+    model, history = _train(task, tmp_path / "latent", 2, model_config=config, ema_decay=0.5,
+                            codecs={"image": LatentCodec.from_diffusers(vae)})
+    assert all(torch.isfinite(torch.tensor(history["loss"]))) and history["diffusion_loss"][-1] > 0
+    assert all(p.grad is None and not p.requires_grad for p in vae.parameters())
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    loaded, _ = load_checkpoint(os.path.join(tmp_path / "latent", CHECKPOINT_NAME))
+    assert set(loaded.state_dict()) == set(model.state_dict()) and loaded.codecs == {}
+    with pytest.raises(ValueError, match=r"codecs must be a dict"):
+        _train(task, tmp_path / "bad", 1, model_config=config, codecs=[vae])

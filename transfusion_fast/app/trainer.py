@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..checks import MAX_SIZE, check_float, check_int
+from ..codec import check_codecs
 from ..config import ModelConfig
 from ..ema import EMA
 from ..model import Model
@@ -76,7 +77,7 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
           lr: float | None = None, warmup: int | None = None, model_config: ModelConfig | None = None,
           device="cpu", checkpoint_every: int | None = None, resume: bool = False,
           progress: bool = True, seed: int = 0, precision: str = "fp32",
-          ema_decay: float | None = None) -> tuple:
+          ema_decay: float | None = None, codecs: dict | None = None) -> tuple:
     """Train on ``task`` for ``steps`` optimizer steps in total; checkpoint to
     ``out_dir/checkpoint.safetensors`` every ``checkpoint_every`` steps and at the end.
 
@@ -89,6 +90,9 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
     run's own, and an EMA the run did not keep starts at the resumed weights). Returns ``(model,
     history)`` where history holds the loss curve (every step), the throughput and the EMA
     (``history["ema"]``, None when disabled); the model holds the trained (raw) weights.
+    ``codecs``: ``{modality name: LatentCodec}`` attached to the model (a latent modality, the
+    config in latent units): every batch's images are encoded before patchify; the codecs stay
+    frozen and out of the checkpoint (pass them again on resume).
     """
     amp = autocast(device, precision)
     path = os.path.join(out_dir, CHECKPOINT_NAME)
@@ -102,6 +106,8 @@ def train(task, out_dir: str, *, steps: int | None = None, batch_size: int | Non
         saved_decay = info["extra"].get("train", {}).get("ema_decay", 0.0)
     else:
         model = Model(model_config or task.model_config())
+    for name, codec in check_codecs(codecs, model.config.modalities).items():
+        model.attach_codec(name, codec)
     defaults = preset(task.name, model.config.objective)
     if ema_decay is None:
         ema_decay = defaults.ema_decay if saved_decay is None else saved_decay
