@@ -56,11 +56,16 @@ ext:
 # constraints.txt), on a copy of the working tree (.venv-torch-$(TORCH)/src, objects kept there):
 #   make test-compat TORCH=2.11.0
 COMPAT := .venv-torch-$(TORCH)
+# Pins an older torch needs in place of those of constraints.txt. Triton 3.6 (torch 2.11) runs the
+# interpreter's loop bounds through int() on a one-element array, which NumPy 2.4 refuses (Triton
+# 3.8 squeezes the array first): the interpreted kernel tests need NumPy < 2.4 there.
+COMPAT_PINS := $(if $(filter 2.11.%,$(TORCH)),numpy<2.4)
+COMPAT_UNPIN := torch|triton|setuptools$(if $(COMPAT_PINS),|numpy)
 test-compat:
 	@test -n "$(TORCH)" || { echo "usage: make test-compat TORCH=2.11.0" >&2; exit 2; }
 	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
-	grep -v -i -E '^((torch|triton|setuptools)==|(nvidia|cuda)-)' $(CONSTRAINTS) > $(COMPAT)/constraints.txt
-	$(COMPAT)/bin/python $(PIP_INSTALL) -c $(COMPAT)/constraints.txt "torch==$(TORCH)" \
+	grep -v -i -E '^(($(COMPAT_UNPIN))==|(nvidia|cuda)-)' $(CONSTRAINTS) > $(COMPAT)/constraints.txt
+	$(COMPAT)/bin/python $(PIP_INSTALL) -c $(COMPAT)/constraints.txt "torch==$(TORCH)" $(foreach p,$(COMPAT_PINS),"$(p)") \
 		"setuptools>=64" wheel -r requirements.txt -r requirements-test.txt
 	mkdir -p $(COMPAT)/src
 	find $(COMPAT)/src -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from transfusion_fast import get_backend
 from transfusion_fast.app.cli import main
 from transfusion_fast.checkpoint import load_checkpoint
 
@@ -119,3 +120,12 @@ def test_train_with_bf16_precision_keeps_fp32_parameters(tmp_path):
     assert np.isfinite(summary["final_loss"])
     with pytest.raises(SystemExit):      # argparse names the choices
         main(["train", "--out", out, "--precision", "fp8", *TINY])
+
+
+def test_main_in_process_leaves_the_callers_backend_and_threads(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    assert get_backend() == "auto"
+    code = main(["sample", "--out", str(tmp_path / "no_run_here"), "--backend", "reference",
+                 "--threads", str(threads + 1)])
+    assert code == 2 and "no_run_here" in capsys.readouterr().err
+    assert get_backend() == "auto" and torch.get_num_threads() == threads

@@ -12,7 +12,8 @@ fewer steps); ``--sampler`` picks the sampler (``ddim``/``ddpm`` for DDPM, ``eul
 flow). Training keeps an EMA of the weights (``--ema-decay``, 0 disables it); sampling uses the
 EMA weights unless ``--raw-weights``.
 
-``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`;
+``--backend auto | triton | reference`` selects the backend while the command runs
+(:func:`transfusion_fast.use_backend`);
 ``--precision fp32 | bf16 | fp16`` runs training and sampling under ``torch.autocast`` (fp32
 parameters; :func:`transfusion_fast.app.trainer.autocast`). A failure on the input prints one line
 naming the option or the file and exits with status 2 (``--debug`` or ``TRANSFUSION_FAST_DEBUG=1``
@@ -39,7 +40,7 @@ import time
 
 import torch
 
-from ..backend import BACKENDS, set_backend
+from ..backend import BACKENDS, use_backend
 from ..checkpoint import load_checkpoint
 from ..checks import MAX_SIZE
 from .presets import OBJECTIVES, TASKS, preset
@@ -310,11 +311,14 @@ def main(argv=None) -> int:
     """
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    # The backend and the thread count are the command's: main() called in-process (a notebook, the
+    # tests) leaves the caller's settings as they were.
+    threads = torch.get_num_threads()
     try:
         _validate(args)
-        set_backend(args.backend)
         torch.set_num_threads(args.threads)
-        COMMANDS[args.command](args)
+        with use_backend(args.backend):
+            COMMANDS[args.command](args)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -325,6 +329,8 @@ def main(argv=None) -> int:
             raise
         print(f"transfusion-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 
