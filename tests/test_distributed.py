@@ -111,8 +111,9 @@ def _mixed_precision_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def _as_forward_input(batch):
     """The batch as FSDP2's policy hands it to the root module (cast_forward_inputs=True): its
-    floating-point tensors (noised spans, targets, span sizes) in bf16."""
-    cast = lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t  # noqa: E731
+    floating-point tensors (noised spans, targets, span sizes) in bf16; Python values (a span
+    modality's item shapes) as they are."""
+    cast = lambda t: t.to(torch.bfloat16) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
     spans = {k: dataclasses.replace(s, **{f.name: cast(getattr(s, f.name)) for f in dataclasses.fields(s)})
              for k, s in batch.spans.items()}
     return dataclasses.replace(batch, spans=spans, span_sizes=cast(batch.span_sizes))

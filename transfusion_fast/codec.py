@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["LatentCodec", "Latents"]
+__all__ = ["LatentCodec", "Latents", "check_codecs"]
 
 
 def _describe(value) -> str:
@@ -281,3 +281,21 @@ class LatentCodec:
         # A parent module's .train() (or a user) may have flipped the autoencoder back.
         if any(module.training for module in self.modules):
             self._freeze()
+
+
+def check_codecs(codecs, modalities) -> dict:
+    """``codecs`` (``None`` or ``{modality name: LatentCodec}``) checked against ``modalities`` (the
+    config's modalities): every name a modality, every value a :class:`LatentCodec` that
+    fits it (:meth:`LatentCodec.check_modality`). Returns a new dict (empty for ``None``)."""
+    if codecs is None:
+        return {}
+    if not isinstance(codecs, dict):
+        raise ValueError(f"codecs must be a dict {{modality name: LatentCodec}} or None, got {_describe(codecs)}")
+    by_name = {m.name: m for m in modalities}
+    for name, codec in codecs.items():
+        if name not in by_name:
+            raise ValueError(f"codecs: key must be a modality name, one of {sorted(by_name)}, got {name!r}")
+        if not isinstance(codec, LatentCodec):
+            raise ValueError(f"codecs[{name!r}] must be a LatentCodec, got {type(codec).__name__}")
+        codec.check_modality(by_name[name])
+    return dict(codecs)

@@ -12,17 +12,24 @@ from dataclasses import dataclass
 
 from .checks import MAX_SIZE, check_bool, check_float, check_int, describe
 from .ops.attention import SUPPORTED_HEAD_DIMS
+from .ops.flow import FLOW_TIME_DISTRIBUTIONS
 from .ops.validation import PREDICTIONS
 from .schedules import MAX_DIFFUSION_STEPS, SCHEDULES
 
 __all__ = ["ModalityConfig", "ModelConfig", "IGNORE_INDEX", "PREDICTIONS", "CONDITIONINGS", "SPAN_POSITIONS",
-           "MODALITY_KINDS"]
+           "MODALITY_KINDS", "OBJECTIVES", "ENCODERS", "FLOW_TIME_DISTRIBUTIONS"]
 
 #: target id of rows without a next-token loss (F.cross_entropy's default ignore_index)
 IGNORE_INDEX = -100
 CONDITIONINGS = ("patch_add", "adaln_zero")
 SPAN_POSITIONS = ("sequential", "axial")
 MODALITY_KINDS = ("image", "sequence")
+#: training objectives of the spans: DDPM (the paper's) and rectified flow
+OBJECTIVES = ("ddpm", "flow")
+#: patch encoders/decoders of a modality: the paper's linear one and its U-Net variant
+ENCODERS = ("linear", "unet")
+#: GroupNorm groups of the U-Net patch coder (unet_channels must be a multiple)
+UNET_GROUPS = 8
 
 
 def _find_multiple(n: int, k: int) -> int:
@@ -44,6 +51,15 @@ class ModalityConfig:
       ``L`` a multiple of ``patch_size`` and at most ``max_size``; one row per ``patch_size`` frames.
 
     ``boi_id``/``eoi_id`` default to the model's shared BOI/EOI tokens.
+
+    ``encoder``: ``"linear"`` (one linear layer each way per patch, the default) or ``"unet"``
+    (images only: U-Net down blocks from ``x_t`` to the patch grid and up blocks with skip
+    connections back out, :class:`~transfusion_fast.encoders.UNetPatchCoder`; ``patch_size`` a power
+    of two). ``unet_channels`` is the width of its full-resolution level (a multiple of its 8
+    GroupNorm groups) and ``unet_res_blocks`` the residual blocks per level on each side.
+
+    A latent modality (pixels through a :class:`~transfusion_fast.LatentCodec`) is configured in
+    latent units: ``channels`` = the codec's latent channels, ``max_size`` the largest latent side.
     """
 
     name: str
@@ -53,6 +69,10 @@ class ModalityConfig:
     max_size: int = 32
     boi_id: int | None = None
     eoi_id: int | None = None
+    # patch encoder / decoder
+    encoder: str = "linear"
+    unet_channels: int = 64
+    unet_res_blocks: int = 1
 
     @property
     def patch_dim(self) -> int:
@@ -70,6 +90,23 @@ class ModalityConfig:
         if self.kind == "image":
             return (shape[-2] // self.patch_size) * (shape[-1] // self.patch_size)
         return shape[0] // self.patch_size
+
+
+def _validate_encoder(m: ModalityConfig) -> None:
+    _require(m.encoder in ENCODERS,
+             f"modality {m.name!r}: encoder must be one of {ENCODERS}, got {m.encoder!r}")
+    for attr in ("unet_channels", "unet_res_blocks"):
+        check_int(f"modality {m.name!r}: {attr}", getattr(m, attr), 1, MAX_SIZE)
+    if m.encoder != "unet":
+        return
+    _require(m.kind == "image", f"modality {m.name!r}: encoder='unet' needs kind='image' (the U-Net is 2-D; "
+             f"sequence modalities use encoder='linear'), got kind={m.kind!r}")
+    _require(m.patch_size & (m.patch_size - 1) == 0,
+             f"modality {m.name!r}: encoder='unet' needs patch_size a power of two (one stride-2 level per "
+             f"factor 2), got {m.patch_size}")
+    _require(m.unet_channels % UNET_GROUPS == 0,
+             f"modality {m.name!r}: unet_channels must be a multiple of {UNET_GROUPS} (the U-Net's GroupNorm "
+             f"groups), got {m.unet_channels}")
 
 
 def _modality(m) -> "ModalityConfig":
@@ -111,6 +148,17 @@ class ModelConfig:
     cfg_drop_prob: float = 0.1         # pack drops the text before a sample's first span this often
     max_seq_len: int = 2048
     time_freq_dim: int = 256           # sinusoidal features of the timestep embedding
+    # Training objective of the spans. "ddpm": the fields above (diffusion_steps, schedule,
+    # prediction). "flow": rectified flow, x_t = (1 − t)·x0 + t·ε with continuous t in [0, 1], the
+    # model predicts the velocity ε − x0 (schedule and prediction unused); training times are drawn
+    # from flow_time_distribution ("uniform" or "logit_normal" with flow_time_mean / flow_time_std),
+    # then shifted by flow_shift (SD3's shift; 1 = none), which the samplers' time grid uses too.
+    # The timestep embedding reads t·diffusion_steps, the range of DDPM's integer steps.
+    objective: str = "ddpm"
+    flow_time_distribution: str = "uniform"
+    flow_time_mean: float = 0.0
+    flow_time_std: float = 1.0
+    flow_shift: float = 1.0
     # Training-time memory settings (they change no result: gradients equal the plain run).
     activation_checkpointing: bool = False  # each block recomputes its activations in the backward
 
@@ -183,6 +231,7 @@ class ModelConfig:
                  f"ModelConfig.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         check_float("ModelConfig.diffusion_loss_weight", self.diffusion_loss_weight, 0.0)
         check_float("ModelConfig.cfg_drop_prob", self.cfg_drop_prob, 0.0, 1.0)
+        self._validate_objective()
         names = set()
         for m in self.modalities:
             _require(isinstance(m, ModalityConfig),
@@ -197,8 +246,23 @@ class ModelConfig:
             _require(m.max_size % m.patch_size == 0,
                      f"modality {m.name!r}: max_size ({m.max_size}) must be a multiple of patch_size "
                      f"({m.patch_size})")
+            _validate_encoder(m)
+
+    def _validate_objective(self) -> None:
+        _require(self.objective in OBJECTIVES,
+                 f"ModelConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _require(self.flow_time_distribution in FLOW_TIME_DISTRIBUTIONS,
+                 f"ModelConfig.flow_time_distribution must be one of {FLOW_TIME_DISTRIBUTIONS}, got "
+                 f"{self.flow_time_distribution!r}")
+        check_float("ModelConfig.flow_time_mean", self.flow_time_mean)
+        check_float("ModelConfig.flow_time_std", self.flow_time_std, 0.0, low_open=True)
+        check_float("ModelConfig.flow_shift", self.flow_shift, 0.0, low_open=True)
 
     # ------------------------------------------------------------------ derived
+    @property
+    def is_flow(self) -> bool:
+        return self.objective == "flow"
+
     @property
     def ffn_hidden(self) -> int:
         if self.ffn_hidden_size is not None:

@@ -48,6 +48,21 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    # Under torch.compile the formula is traced (a reshape and a permute the compiler fuses with
+    # its neighbours); the compiled op is reached through the extension's loader, which dynamo
+    # cannot trace.
+    if torch.compiler.is_compiling():
+        return ops.patchify_reference(images, p)
+    return ops.patchify(images, p)
+
+
+def _unpatchify(patches: torch.Tensor, p: int, height: int, width: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():    # see _patchify
+        return ops.unpatchify_reference(patches, p, height, width)
+    return ops.unpatchify(patches, p, height, width)
+
+
 class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv3x3 → GroupNorm·(1 + scale) + shift → SiLU → conv3x3, plus the input
     (through a 1x1 conv when the width changes); ``(scale, shift)`` come from the timestep embedding."""
@@ -206,7 +221,7 @@ class UNetPatchCoder(nn.Module):
             if level > 0:
                 x = self.upsample[level - 1](F.interpolate(x, scale_factor=2.0, mode="nearest"))
         images = self.conv_out(x)                                    # (B, C, H, W)
-        return ops.patchify(images.contiguous(), self.patch_size)
+        return _patchify(images.contiguous(), self.patch_size)
 
     # ------------------------------------------------------------------ packed spans
     def _groups(self, sizes, num_rows: int, device) -> list:
@@ -250,7 +265,7 @@ class UNetPatchCoder(nn.Module):
         for g in groups:
             batch, n = len(g.spans), (g.height // self.patch_size) * (g.width // self.patch_size)
             rows = x_t if g.rows is None else x_t[g.rows.reshape(-1)]
-            images = ops.unpatchify(rows.reshape(batch, n, self.patch_dim), self.patch_size, g.height, g.width)
+            images = _unpatchify(rows.reshape(batch, n, self.patch_dim), self.patch_size, g.height, g.width)
             g_temb = temb if g.rows is None else temb[g.spans]
             tokens, skips = self.encode_images(images, g_temb)
             state.temb.append(g_temb)

@@ -13,6 +13,13 @@ runs the span's rows, attending to the cached prefix and bidirectionally to the 
 classifier-free guidance the unconditional twin of each document is ``[BOS, BOI]`` + the span (the
 prefix dropped, as in training with ``cfg_drop_prob``), batched into the same call.
 
+Samplers: ``"ddim"`` / ``"ddpm"`` for a DDPM model (:func:`_denoise`), ``"euler"`` / ``"heun"`` for a
+flow model (:func:`_integrate_flow`: the ODE from ``t = 1`` to 0 on
+:func:`~transfusion_fast.ops.flow_inference_timesteps`, Heun with a second model evaluation per step).
+A U-Net modality's decoder takes the state its encoder left in the same forward call
+(``_Forward.states``). A latent modality's span is sampled in latent space; the KV cache keeps the
+clean latents, and the span is decoded to pixels by its codec before it is returned.
+
 The functions take the model as a :class:`~transfusion_fast.Model` (its ``config``, ``schedule``,
 ``embed``, ``forward_hidden``, ``decode_spans`` and ``output``) without importing model.py, so that
 ``Model.generate`` can call :func:`generate`.
@@ -27,12 +34,14 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .checks import MAX_SEED, MAX_SIZE, check_bool, check_float, check_int
+from .codec import check_codecs
 from .config import ModalityConfig, ModelConfig
 from .layout import Layout
-from .pack import check_span, from_patches, prepare_sample, span_positions
+from .ops.flow import MAX_FLOW_STEPS
+from .pack import check_span, encode_latent_items, from_patches, prepare_sample, span_positions
 
 __all__ = ["generate", "prefill", "text_step", "span_step", "sample_span", "sample_tokens", "Sampling",
-           "Stream", "KVCache"]
+           "Stream", "KVCache", "SAMPLERS"]
 
 
 # ------------------------------------------------------------------------------------- KV cache
@@ -102,6 +111,7 @@ class _Forward:
 
     ``chunks[i] = (tokens (q,), spans [(offset, modality, shape, ...)])`` are document ``docs[i]``'s new
     rows; span inputs are passed per call as ``{modality name: (x (N, P), t (N,))}`` in doc order.
+    After a call, ``states`` holds the U-Net state of each U-Net modality for ``decode_spans``.
     """
 
     def __init__(self, model: nn.Module, cache: KVCache, docs: list, chunks: list):
@@ -110,7 +120,7 @@ class _Forward:
         q_lens = [int(tokens.numel()) for tokens, _ in chunks]
         self.kv = _StepKV(cache, docs, q_lens, device)
         past, starts = self.kv.past, self.kv.starts
-        positions, axial, spans_abs, rows = [], [], [], {}
+        positions, axial, spans_abs, rows, self.shapes = [], [], [], {}, {}
         q_start = 0
         for i, (tokens, spans) in enumerate(chunks):
             pos = torch.arange(past[i], past[i] + q_lens[i])
@@ -126,6 +136,7 @@ class _Forward:
                 ax[offset:offset + n] = is_axial
                 spans_abs.append((starts[i] + past[i] + offset, starts[i] + past[i] + offset + n))
                 rows.setdefault(m.name, []).append(torch.arange(q_start + offset, q_start + offset + n))
+                self.shapes.setdefault(m.name, []).append(tuple(shape))
             positions.append(pos2 if config.span_positions == "axial" else pos)
             axial.append(ax)
             q_start += q_lens[i]
@@ -139,11 +150,13 @@ class _Forward:
             device, tile_sizes=ops.attention_tile_sizes(device, config.head_dim))
         self.rows = {name: torch.cat(r).to(device) for name, r in rows.items()}
         self.last_rows = self.layout.q_cu_seqlens[1:].long() - 1
+        self.states: dict = {}
 
     def __call__(self, span_inputs: dict | None = None) -> torch.Tensor:
         span_inputs = span_inputs or {}
-        spans = {name: (self.rows[name], *span_inputs[name]) for name in self.rows}
-        h, cond, span_rows = self.model.embed(self.tokens, spans)
+        spans = {name: (self.rows[name], *span_inputs[name], self.shapes[name]) for name in self.rows}
+        self.states = {}
+        h, cond, span_rows = self.model.embed(self.tokens, spans, self.states)
         return self.model.forward_hidden(h, self.positions, self.axial, self.layout, cond, span_rows,
                                          kv_cache=self.kv)
 
@@ -160,7 +173,7 @@ class Sampling:
     temperature: float
     top_k: int | None
     top_p: float | None
-    sampler: str                  # "ddim" | "ddpm"
+    sampler: str                  # "ddim" | "ddpm" (DDPM models), "euler" | "heun" (flow models)
     num_inference_steps: int
     cfg_scale: float              # 1: no guidance
     eta: float
@@ -169,6 +182,7 @@ class Sampling:
     progress: bool
     boi_modality: dict            # BOI id -> the modality whose span it opens
     shapes: dict                  # modality name -> shape of its generated spans
+    codecs: dict = field(default_factory=dict)   # modality name -> LatentCodec (decoded after sampling)
 
 
 @dataclass(eq=False)
@@ -219,6 +233,15 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, t
 
 
 # ------------------------------------------------------------------------------------- arguments
+#: the samplers of each objective; the first is the default
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+
+
+def _clean_times(config: ModelConfig, rows: int, device) -> torch.Tensor:
+    """The time of clean span rows (a prompt's image, a finished span): 0 in the objective's dtype."""
+    return torch.zeros(rows, dtype=torch.float32 if config.is_flow else torch.long, device=device)
+
+
 def _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, sampler,
                          num_inference_steps, cfg_scale, eta):
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -230,9 +253,12 @@ def _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, to
         check_int("top_k", top_k, 1, MAX_SIZE)
     if top_p is not None:
         check_float("top_p", top_p, 0.0, 1.0, low_open=True)
-    if not isinstance(sampler, str) or sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-    check_int("num_inference_steps", num_inference_steps, 1, config.diffusion_steps)
+    samplers = SAMPLERS[config.objective]
+    if not isinstance(sampler, str) or sampler not in samplers:
+        raise ValueError(f"sampler must be one of {samplers} for a model with objective={config.objective!r}, "
+                         f"got {sampler!r}")
+    check_int("num_inference_steps", num_inference_steps, 1,
+              MAX_FLOW_STEPS if config.is_flow else config.diffusion_steps)
     check_float("cfg_scale (1 = no guidance)", cfg_scale, 0.0)
     check_float("eta", eta, 0.0)
 
@@ -305,7 +331,7 @@ def _feed(model: nn.Module, cache: KVCache, streams: list, chunks: list, setting
     device = model.output.weight.device
     fwd = _Forward(model, cache, [s.doc for s in streams], chunks)
     spans = {name: (torch.cat([p for _, items in chunks for _, m, _, p in items if m.name == name]).to(device),
-                    torch.zeros(rows.numel(), dtype=torch.long, device=device))
+                    _clean_times(model.config, rows.numel(), device))
              for name, rows in fwd.rows.items()}
     h = fwd(spans)
     fwd.commit()
@@ -376,22 +402,28 @@ def span_step(model: nn.Module, cache: KVCache, streams: list, settings: Samplin
 def sample_span(model: nn.Module, cache: KVCache, docs: list, m: ModalityConfig, shape,
                 gen: torch.Generator, settings: Sampling) -> list:
     """Sample one span of modality ``m`` for each of ``docs`` (their prefixes, ending in BOI, are
-    cached); the clean span joins each document's cache. Returns the spans (CPU float32)."""
+    cached); the clean span joins each document's cache. Returns the spans (CPU float32), decoded
+    to pixels when ``m`` has a codec in ``settings.codecs``."""
     config = model.config
     device = model.output.weight.device
     n, G = m.num_patches(shape), len(docs)
     uncond = _unconditional_twins(model, cache, G, m, settings.add_bos) if settings.cfg_scale != 1.0 else []
     span_chunk = (torch.full((n,), config.pad_id), [(0, m, shape)])
     step = _Forward(model, cache, docs + uncond, [span_chunk] * (G + len(uncond)))
-    x = _denoise(model, step, m, G * n, gen, settings)
+    sampler = _integrate_flow if config.is_flow else _denoise
+    x = sampler(model, step, m, G * n, gen, settings)
 
     # Later text attends to the clean span (timestep 0), as in training.
     clean = _Forward(model, cache, docs, [span_chunk] * G)
-    clean({m.name: (x, torch.zeros(G * n, dtype=torch.long, device=device))})
+    clean({m.name: (x, _clean_times(config, G * n, device))})
     clean.commit()
     for doc in uncond:
         cache.drop(doc)
-    return [from_patches(m, x[g * n:(g + 1) * n].float().cpu(), shape) for g in range(G)]
+    spans = [from_patches(m, x[g * n:(g + 1) * n].float().cpu(), shape) for g in range(G)]
+    codec = settings.codecs.get(m.name)
+    if codec is None:
+        return spans
+    return list(codec.decode(torch.stack(spans)).float().cpu())
 
 
 def _unconditional_twins(model: nn.Module, cache: KVCache, count: int, m: ModalityConfig,
@@ -424,7 +456,8 @@ def _denoise(model: nn.Module, step: _Forward, m: ModalityConfig, rows: int, gen
         t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
         x_in = torch.cat([x, x]) if guided else x
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
-        out = model.decode_spans(step({m.name: (x_in, t_in)}), m.name, span_rows).float()
+        h = step({m.name: (x_in, t_in)})
+        out = model.decode_spans(h, m.name, span_rows, step.states.get(m.name)).float()
         # Step noise is drawn on the device by the op (Philox) from a seed of our generator.
         step_seed = int(torch.randint(0, 2**62, (), generator=gen))
         x = step_fn(x, out[:rows], torch.full((rows,), t, dtype=torch.long, device=device),
@@ -436,13 +469,49 @@ def _denoise(model: nn.Module, step: _Forward, m: ModalityConfig, rows: int, gen
     return x
 
 
+def _integrate_flow(model: nn.Module, step: _Forward, m: ModalityConfig, rows: int, gen: torch.Generator,
+                    settings: Sampling) -> torch.Tensor:
+    """The rectified-flow sampler: ``rows`` span rows integrated from pure noise at ``t = 1`` to the
+    data at ``t = 0`` along the model's velocity, Euler or Heun (predictor/corrector, two forward
+    calls per step), guided like :func:`_denoise`. Deterministic given the initial noise."""
+    config = model.config
+    device = model.output.weight.device
+    guided = settings.cfg_scale != 1.0
+    span_rows = step.rows[m.name]
+    grid = ops.flow_inference_timesteps(settings.num_inference_steps, config.flow_shift).tolist()
+    x = torch.randn(rows, m.patch_dim, generator=gen).to(device)
+    guidance = {"cfg_scale": settings.cfg_scale}
+
+    def velocity(x_at: torch.Tensor, t: float):
+        x_in = torch.cat([x_at, x_at]) if guided else x_at
+        t_in = torch.full((x_in.shape[0],), t, dtype=torch.float32, device=device)
+        h = step({m.name: (x_in, t_in)})
+        out = model.decode_spans(h, m.name, span_rows, step.states.get(m.name)).float()
+        return out[:rows], (out[rows:] if guided else None)
+
+    bar = tqdm(total=len(grid) - 1, disable=not settings.progress, desc=f"flow[{m.name}]", leave=False)
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        # The step ops read per-row float64 times: the grid's exact values.
+        t_rows = torch.full((rows,), t, dtype=torch.float64, device=device)
+        t_next_rows = torch.full((rows,), t_next, dtype=torch.float64, device=device)
+        cond, uncond = velocity(x, t)
+        x_pred = ops.euler_step(x, cond, t_rows, t_next_rows, uncond_out=uncond, **guidance)
+        if settings.sampler == "heun":
+            cond, uncond = velocity(x_pred, t_next)
+            x_pred = ops.heun_step(x, x_pred, cond, t_rows, t_next_rows, uncond_out=uncond, **guidance)
+        x = x_pred
+        bar.update(1)
+    bar.close()
+    return x
+
+
 # ------------------------------------------------------------------------------------- generate
 @torch.no_grad()
 def generate(model: nn.Module, prompts, *, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             sampler: str = "ddim", num_inference_steps: int = 250, cfg_scale: float = 5.0,
+             sampler: str | None = None, num_inference_steps: int = 250, cfg_scale: float = 5.0,
              eta: float = 0.0, span_shape=None, modality: str | None = None, progress: bool = True,
-             add_bos: bool = True, stop_at_eos: bool = True):
+             add_bos: bool = True, stop_at_eos: bool = True, codecs: dict | None = None):
     """Continue every prompt with text and, after each BOI, a span from the diffusion sampler.
 
     Args:
@@ -452,21 +521,30 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int = 64, temperature
         max_new_tokens: sampled text tokens per prompt (EOI after a span is not counted).
         temperature, top_k, top_p: text sampling (temperature 0 = greedy).
         seed: seeds every draw (tokens and diffusion noise): same seed, same output.
-        sampler: ``"ddim"`` (``eta`` 0 = deterministic) or ``"ddpm"``; ``num_inference_steps`` of them.
+        sampler: for ``objective="ddpm"``, ``"ddim"`` (the default; ``eta`` 0 = deterministic) or
+            ``"ddpm"``; for ``objective="flow"``, ``"euler"`` (the default) or ``"heun"`` (two model
+            evaluations per step) on the time grid shifted by ``config.flow_shift``;
+            ``num_inference_steps`` of them.
         cfg_scale: classifier-free guidance against the unconditional ``[BOS, BOI, span]`` twin;
             1 disables guidance (no unconditional pass).
         span_shape: ``{modality: shape}`` of generated spans (``(C, H, W)`` or ``(H, W)`` for
-            images, ``(L, F)`` for series), or one shape for ``modality`` (default: the first
-            modality); modalities without a shape get their largest.
+            images, ``(L, F)`` for series; latent units for a latent modality), or one shape for
+            ``modality`` (default: the first modality); modalities without a shape get their largest.
         modality: which modality a BOI generates when several share it (default: the first).
         progress: show a tqdm bar over the diffusion steps.
+        codecs: ``{modality name: LatentCodec}`` of latent modalities (default ``model.codecs``):
+            their images in prompts are encoded, their generated spans decoded to pixels.
     Returns:
         For each prompt, the generated continuation as a list of items: 1-D LongTensors of text
         ids (including BOI, EOI and EOS as produced) and the generated spans (CPU float32), in order.
     """
     config = model.config
+    sampler = SAMPLERS[config.objective][0] if sampler is None else sampler
     _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, sampler,
                          num_inference_steps, cfg_scale, eta)
+    codecs = check_codecs(getattr(model, "codecs", None) if codecs is None else codecs, config.modalities)
+    prompts = encode_latent_items(prompts, config, codecs, generator=torch.Generator().manual_seed(int(seed)),
+                                  where="prompts")
     boi_modality = _boi_modalities(config, modality)
     shapes = _span_shapes(config, boi_modality, span_shape, modality)
     add_bos, stop_at_eos = check_bool("add_bos", add_bos), check_bool("stop_at_eos", stop_at_eos)
@@ -475,7 +553,7 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int = 64, temperature
                                allow_empty=add_bos) for i, p in enumerate(prompts)]
     _check_room(config, prepared, boi_modality, shapes, max_new_tokens)
     settings = Sampling(max_new_tokens, temperature, top_k, top_p, sampler, num_inference_steps, cfg_scale,
-                        eta, add_bos, stop_at_eos, progress, boi_modality, shapes)
+                        eta, add_bos, stop_at_eos, progress, boi_modality, shapes, codecs)
 
     was_training = model.training
     model.eval()

@@ -17,8 +17,9 @@ Public API (stable)::
     out["loss"].backward()
     gens = model.generate(prompts, max_new_tokens=32, seed=0)   # list (per prompt) of items:
                                                 # text LongTensors (with BOI/EOI/EOS ids) and spans
-    # generate kwargs: temperature, top_k, top_p, seed, sampler ("ddim"|"ddpm"),
-    # num_inference_steps=250, cfg_scale=5.0, eta, span_shape, modality, progress, stop_at_eos.
+    # generate kwargs: temperature, top_k, top_p, seed, sampler ("ddim"|"ddpm"; "euler"|"heun" for
+    # objective="flow"), num_inference_steps=250, cfg_scale=5.0, eta, span_shape, modality, progress,
+    # stop_at_eos, codecs (default model.codecs).
     # A prompt ending in BOI forces a span; a prompt holding an image is captioned.
     save_checkpoint(path, model, optimizer=opt, step=10)
     model, info = load_checkpoint(path)         # or load_checkpoint(path, model, opt) to resume
@@ -26,9 +27,11 @@ Public API (stable)::
 * ``ModelConfig.to_dict()`` / ``ModelConfig.from_dict(d)``: JSON-safe round trip (used by checkpoints).
 * ``Batch`` (from :mod:`transfusion_fast.pack`): ``tokens``, ``positions``, ``axial``, ``layout``,
   ``targets`` (-100 = no loss), ``spans`` (per modality: ``SpanData`` with ``rows``, ``x0``, ``x_t``,
-  ``noise``, ``timesteps``, ``span_index``), ``span_shapes``, ``num_spans``; ``batch.to(device)``.
+  ``noise``, ``timesteps``, ``span_index``, ``shapes``), ``span_shapes``, ``num_spans``; ``batch.to(device)``.
 * ``pack(..., seed, device, cfg_drop_prob, caption_noise_prob=0.8, caption_max_timestep=500,
-  timesteps=None)``: one document per sample (BOS … EOS, BOI/EOI around each span).
+  timesteps=None, codecs=None)``: one document per sample (BOS … EOS, BOI/EOI around each span).
+* Latent modalities: ``Model(config, codecs={"image": LatentCodec.from_diffusers(vae)})`` or
+  ``model.attach_codec("image", codec)``; the codec is held outside the parameters (never saved).
 * ``Model.from_hf(path_or_model, freeze_text=False, special_tokens=None, tokenizer=None, **overrides)``:
   the backbone of a local Hugging Face LLaMA-family checkpoint (:mod:`transfusion_fast.hf_weights`)
   with fresh modality heads; ``Model.text_logits(ids)``: next-token logits of text-only input.
@@ -54,7 +57,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import hf_weights, ops
-from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
+from .codec import check_codecs
+from .config import IGNORE_INDEX, UNET_GROUPS, ModalityConfig, ModelConfig
+from .encoders import UNetPatchCoder
 from .generate import generate
 from .layout import Layout
 from .pack import check_batch_config
@@ -174,17 +179,32 @@ class TimestepEmbedder(nn.Module):
 
 
 class ModalityHead(nn.Module):
-    """Linear patch encoder/decoder of one modality (the paper's linear variant).
+    """Patch encoder/decoder of one modality: linear (the paper's linear variant) or U-Net.
 
-    ``patch_add``: the timestep embedding (in patch space) is added to every patch before the
-    projection. ``adaln_zero``: the embedding (in model space) conditions the blocks instead.
+    Linear (``encoder="linear"``): ``patch_add`` adds the timestep embedding (in patch space) to
+    every patch before the projection; ``adaln_zero`` feeds the embedding (in model space) to the
+    blocks instead. U-Net (``encoder="unet"``, :class:`~transfusion_fast.encoders.UNetPatchCoder`):
+    the embedding (in model space) conditions every residual block of the down and up blocks, and
+    under ``adaln_zero`` the transformer blocks too. Its decoder needs the skip features of the
+    encoding of the same rows: :meth:`encode` returns them as a state that :meth:`decode` takes.
+
+    Times: DDPM's integer steps as they are; a flow model's ``t`` in [0, 1] is scaled by
+    ``diffusion_steps`` first, so the sinusoidal features span the same range.
     """
 
     def __init__(self, config: ModelConfig, modality: ModalityConfig):
         super().__init__()
         self.modality = modality
         self.patch_add = config.conditioning == "patch_add"
+        self.time_scale = float(config.diffusion_steps) if config.is_flow else None
         P = modality.patch_dim
+        self.coder = None
+        if modality.encoder == "unet":
+            self.time = TimestepEmbedder(config.dim, config.time_freq_dim)
+            self.coder = UNetPatchCoder.for_modality(modality, config.dim, config.dim,
+                                                     base_channels=modality.unet_channels,
+                                                     num_res_blocks=modality.unet_res_blocks, groups=UNET_GROUPS)
+            return
         self.time = TimestepEmbedder(P if self.patch_add else config.dim, config.time_freq_dim)
         self.encoder = nn.Linear(P, config.dim)
         self.decoder = nn.Linear(config.dim, P)
@@ -192,30 +212,58 @@ class ModalityHead(nn.Module):
             nn.init.zeros_(self.decoder.weight)
             nn.init.zeros_(self.decoder.bias)
 
-    def encode(self, x_t: torch.Tensor, t: torch.Tensor):
-        """x_t (N, P), t (N,) → embeddings (N, dim) and the block conditioning (N, dim) or None,
-        in the parameters' dtype (outside autocast: see :func:`full_precision`)."""
-        with full_precision(x_t):
-            x_t = x_t.to(self.encoder.weight.dtype)
-            if self.patch_add:
-                return self.encoder(x_t + self.time(t)), None
-            return self.encoder(x_t), self.time(t)
+    def _embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time(t.float() * self.time_scale if self.time_scale is not None else t)
 
-    def decode(self, h: torch.Tensor) -> torch.Tensor:
-        """Span rows of the final hidden state (N, dim) → the diffusion prediction (N, P)."""
+    def encode(self, x_t: torch.Tensor, t: torch.Tensor, shapes=None):
+        """x_t (N, P), t (N,) → embeddings (N, dim), the block conditioning (N, dim) or None, and
+        the U-Net state (None for the linear encoder), in the parameters' dtype (outside autocast:
+        see :func:`full_precision`). ``shapes``: the item shape of each span whose rows ``x_t``
+        holds, span after span (the U-Net needs them; Python values, not tensors)."""
+        with full_precision(x_t):
+            if self.coder is None:
+                x_t = x_t.to(self.encoder.weight.dtype)
+                if self.patch_add:
+                    return self.encoder(x_t + self._embed_time(t)), None, None
+                return self.encoder(x_t), self._embed_time(t), None
+            if not shapes:
+                raise ValueError(f"modality {self.modality.name!r} (encoder='unet') needs the shapes of its "
+                                 f"spans to encode them, got {shapes!r}")
+            sizes = [(int(shape[-2]), int(shape[-1])) for shape in shapes]
+            first, offset = [], 0
+            for size in sizes:
+                first.append(offset)
+                offset += self.modality.num_patches(size)
+            first_rows = torch.tensor(first, dtype=torch.long, device=t.device)
+            x_t = x_t.to(self.time.mlp[0].weight.dtype)
+            tokens, state = self.coder.encode(x_t, self._embed_time(t[first_rows]), sizes)
+            return tokens, (None if self.patch_add else self._embed_time(t)), state
+
+    def decode(self, h: torch.Tensor, state=None) -> torch.Tensor:
+        """The transformer's outputs on the span rows ``(N, dim)`` → the prediction ``(N, P)``, in
+        the parameters' dtype (outside autocast); ``state``: what :meth:`encode` returned for the
+        same rows (U-Net only)."""
         with full_precision(h):
-            return self.decoder(h.to(self.decoder.weight.dtype))
+            if self.coder is None:
+                return self.decoder(h.to(self.decoder.weight.dtype))
+            if state is None:
+                raise ValueError(f"modality {self.modality.name!r} (encoder='unet') decodes with the state its "
+                                 f"encode returned (the skip features), got state=None")
+            return self.coder.decode(h.to(self.time.mlp[0].weight.dtype), state)
 
 
 # ------------------------------------------------------------------------------------- model
 class Model(nn.Module):
     """Transfusion: causal LM over text, bidirectional diffusion over every continuous span."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, codecs: dict | None = None):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
+        # A plain dict, not submodules: the frozen autoencoders stay out of parameters() and
+        # state_dict(), hence out of the optimizer, the EMA and checkpoints.
+        self.codecs = check_codecs(codecs, config.modalities)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.depth))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -228,19 +276,36 @@ class Model(nn.Module):
             nn.init.zeros_(self.final_adaln.bias)
         self.schedule = get_schedule(config.schedule, config.diffusion_steps)
 
+    # ------------------------------------------------------------------ codecs
+    def attach_codec(self, name: str, codec) -> None:
+        """Make modality ``name`` a latent modality of ``codec`` (a :class:`~transfusion_fast.LatentCodec`):
+        :meth:`generate` decodes its spans, and the trainer passes ``model.codecs`` to
+        :func:`~transfusion_fast.pack`. The codec is not saved in checkpoints: attach it again after
+        loading one. ``codec=None`` detaches."""
+        codecs = dict(self.codecs)
+        codecs.pop(name, None)
+        if codec is not None:
+            codecs[name] = codec
+        self.codecs = check_codecs(codecs, self.config.modalities)
+
     # ------------------------------------------------------------------ backbone
-    def embed(self, tokens: torch.Tensor, spans: dict):
+    def embed(self, tokens: torch.Tensor, spans: dict, states: dict | None = None):
         """Token embeddings with span rows replaced by their patch encodings.
 
-        tokens (T,); spans: name → (rows (N,), x_t (N, P), t (N,)).
+        tokens (T,); spans: name → (rows (N,), x_t (N, P), t (N,)) or (rows, x_t, t, shapes) with
+        ``shapes`` the item shape of each of the modality's spans in row order (needed by a U-Net
+        encoder). ``states``: a dict that receives name → the U-Net state of each U-Net modality,
+        for :meth:`decode_spans`.
         Returns h (T, dim), cond (T, dim) or None, span_rows (T, 1) float or None.
         """
         h = self.tok_embeddings(tokens)                                # (T, dim)
         adaln = self.final_adaln is not None
         cond = torch.zeros_like(h) if adaln else None
         is_span = torch.zeros(tokens.shape[0], 1, dtype=h.dtype, device=h.device) if adaln else None
-        for name, (rows, x_t, t) in spans.items():
-            enc, c = self.heads[name].encode(x_t, t)                  # (N, dim)
+        for name, (rows, x_t, t, *shapes) in spans.items():
+            enc, c, state = self.heads[name].encode(x_t, t, shapes[0] if shapes else None)   # (N, dim)
+            if states is not None and state is not None:
+                states[name] = state
             h = h.index_copy(0, rows, enc.to(h.dtype))
             if adaln:
                 cond = cond.index_copy(0, rows, c.to(h.dtype))
@@ -268,9 +333,10 @@ class Model(nn.Module):
             h = h * (1 + scale) + shift
         return h
 
-    def decode_spans(self, h: torch.Tensor, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """The diffusion prediction (ε, v or x0 per config) of span rows: (N, P)."""
-        return self.heads[name].decode(h[rows])
+    def decode_spans(self, h: torch.Tensor, name: str, rows: torch.Tensor, state=None) -> torch.Tensor:
+        """The prediction of span rows ``(N, P)``: ε, v or x0 per ``config.prediction`` (DDPM), the
+        velocity ε − x0 (flow). ``state``: the U-Net state :meth:`embed` gave for these rows."""
+        return self.heads[name].decode(h[rows], state)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch) -> dict:
@@ -278,12 +344,14 @@ class Model(nn.Module):
 
         Returns ``loss`` = ``lm_loss`` + λ·``diffusion_loss``, where ``lm_loss`` is the mean
         next-token cross-entropy over rows with a target and ``diffusion_loss`` the mean over spans
-        of each span's MSE against the configured target; ``diffusion_loss/<modality>`` per
-        modality present in the batch; ``lm_tokens`` and ``spans`` counts.
+        of each span's MSE against the configured target (DDPM: ε, v or x0; flow: the velocity
+        ε − x0); ``diffusion_loss/<modality>`` per modality present in the batch; ``lm_tokens`` and
+        ``spans`` counts.
         """
         check_batch_config(batch, self.config)
-        spans_in = {name: (s.rows, s.x_t, s.timesteps) for name, s in batch.spans.items()}
-        h, cond, span_rows = self.embed(batch.tokens, spans_in)
+        spans_in = {name: (s.rows, s.x_t, s.timesteps, s.shapes) for name, s in batch.spans.items()}
+        states: dict = {}
+        h, cond, span_rows = self.embed(batch.tokens, spans_in, states)
         h = self.forward_hidden(h, batch.positions, batch.axial, batch.layout, cond, span_rows)
 
         loss_rows = batch.loss_rows                                    # (M,) rows with a target
@@ -299,9 +367,12 @@ class Model(nn.Module):
         out = {}
         span_sq = h.new_zeros(batch.num_spans, dtype=torch.float32)    # per-span mean squared error
         for name, s in batch.spans.items():
-            pred = self.decode_spans(h, name, s.rows).float()          # (N, P)
-            target = ops.diffusion_target(s.x0.float(), s.noise.float(), s.timesteps, self.schedule,
-                                          self.config.prediction)
+            pred = self.decode_spans(h, name, s.rows, states.get(name)).float()   # (N, P)
+            if self.config.is_flow:
+                target = ops.flow_target(s.x0.float(), s.noise.float())
+            else:
+                target = ops.diffusion_target(s.x0.float(), s.noise.float(), s.timesteps, self.schedule,
+                                              self.config.prediction)
             per_patch = (pred - target).pow(2).mean(-1)                # (N,)
             weight = 1.0 / batch.span_sizes[s.span_index]             # (N,): each span sums to 1
             span_sq = span_sq.index_add(0, s.span_index, per_patch * weight)

@@ -5,6 +5,16 @@ and time series ``(L, F)`` (or ``(modality_name, tensor)`` to pick a modality ex
 sample becomes one document ``BOS text… BOI patches… EOI text… EOS``; every span is bidirectional,
 noised at its own timestep, and the documents are concatenated (``cu_seqlens``) under one
 :class:`~transfusion_fast.Layout`.
+
+Objectives: under ``objective="ddpm"`` each span gets an integer timestep in ``[0, T)`` and is noised
+by the schedule (:func:`~transfusion_fast.ops.add_noise`); under ``"flow"`` it gets a continuous
+``t`` in [0, 1] (:func:`~transfusion_fast.ops.sample_flow_timesteps` with the config's distribution
+and shift) and ``x_t = (1 − t)·x0 + t·ε`` with the noise generated in the same pass
+(:func:`~transfusion_fast.ops.flow_interpolate`).
+
+Latent modalities: with ``codecs={name: LatentCodec}`` the images of those modalities are encoded
+(batched by size, without gradient) before patchify, and a :class:`~transfusion_fast.Latents` item
+is taken as already encoded (no codec needed: a data pipeline may cache latents).
 """
 from __future__ import annotations
 
@@ -14,13 +24,14 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .checks import MAX_SEED, check_bool, check_float, check_int, check_int_list
+from .checks import MAX_SEED, check_bool, check_float, check_int, check_int_list, describe
+from .codec import Latents, check_codecs
 from .layout import Layout
 from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
 from .schedules import get_schedule
 
 __all__ = ["Batch", "SpanData", "pack", "prepare_sample", "check_span", "to_patches", "from_patches",
-           "span_positions", "PreparedSample", "PACKED_FIELDS", "check_batch_config"]
+           "span_positions", "PreparedSample", "PACKED_FIELDS", "check_batch_config", "encode_latent_items"]
 
 
 @dataclass
@@ -31,12 +42,15 @@ class SpanData:
     x0: torch.Tensor          # (N, P) clean patches
     x_t: torch.Tensor         # (N, P) noised patches (the model input)
     noise: torch.Tensor       # (N, P) the ε that noised them
-    timesteps: torch.Tensor   # (N,) long: the timestep of each patch's span
+    timesteps: torch.Tensor   # (N,) the time of each patch's span: long (DDPM) or float32 t in [0, 1] (flow)
     span_index: torch.Tensor  # (N,) long: which span (0 … num_spans-1) each patch belongs to
+    # the item shape of each of this modality's spans, in row order (Python values: the U-Net
+    # encoder groups spans by size without reading a tensor)
+    shapes: list = field(default_factory=list)
 
     def to(self, device) -> "SpanData":
         return SpanData(*(getattr(self, f).to(device) for f in
-                          ("rows", "x0", "x_t", "noise", "timesteps", "span_index")))
+                          ("rows", "x0", "x_t", "noise", "timesteps", "span_index")), list(self.shapes))
 
 
 @dataclass
@@ -51,7 +65,7 @@ class Batch:
     loss_rows: torch.Tensor       # (M,) long: rows whose target is not ignored
     spans: dict                   # modality name → SpanData
     span_sizes: torch.Tensor      # (S,) float32: patches per span
-    span_timesteps: torch.Tensor  # (S,) long
+    span_timesteps: torch.Tensor  # (S,) long (DDPM) or float32 (flow)
     span_shapes: list = field(default_factory=list)   # per span: (modality name, item shape, sample)
     sample_lengths: list = field(default_factory=list)
     config: ModelConfig | None = None   # the config pack() built it with (checked by Model.forward)
@@ -106,7 +120,7 @@ class Batch:
 #: The ModelConfig fields that decide what a packed batch holds (token ids, the span rows of each
 #: modality and their patch size, timesteps, RoPE positions): a model reads a batch only if they match.
 PACKED_FIELDS = ("vocab_size", "bos_id", "eos_id", "boi_id", "eoi_id", "pad_id", "modalities", "diffusion_steps",
-                 "schedule", "span_positions")
+                 "schedule", "span_positions", "objective")
 
 
 def check_batch_config(batch: Batch, config: ModelConfig) -> None:
@@ -170,20 +184,27 @@ class PreparedSample:
         return int(self.tokens.numel())
 
 
-def _resolve_modality(config: ModelConfig, item, where: str):
+def _resolve_modality(config: ModelConfig, item, where: str, codecs: dict | None = None):
+    """``(modality, tensor or Latents)`` of a span item; a plain image tensor of a modality with a
+    codec in ``codecs`` is matched by the codec's image channels (it is pixels to encode)."""
     if isinstance(item, tuple):
         if len(item) != 2 or not isinstance(item[0], str):
             raise ValueError(f"{where}: a tuple item must be (modality_name, tensor), got {item!r:.80}")
         return config.modality(item[0]), item[1]
-    kind = "image" if item.dim() == 3 else "sequence"
+    latent = isinstance(item, Latents)
+    kind = "image" if latent or item.dim() == 3 else "sequence"
     candidates = [m for m in config.modalities if m.kind == kind]
     if not candidates:
-        raise ValueError(f"{where}: got a {item.dim()}-D float tensor of shape {tuple(item.shape)} "
+        raise ValueError(f"{where}: got a {len(item.shape)}-D float tensor of shape {tuple(item.shape)} "
                          f"(a {kind}), but the config has no {kind} modality: "
                          f"{[(m.name, m.kind) for m in config.modalities]}")
     if len(candidates) > 1:
         channel_dim = 0 if kind == "image" else 1
-        matching = [m for m in candidates if m.channels == item.shape[channel_dim]]
+        codecs = codecs or {}
+
+        def channels(m):
+            return codecs[m.name].image_channels if m.name in codecs and not latent else m.channels
+        matching = [m for m in candidates if channels(m) == item.shape[channel_dim]]
         if len(matching) != 1:
             raise ValueError(f"{where}: cannot tell which {kind} modality of "
                              f"{[m.name for m in candidates]} this {tuple(item.shape)} tensor is; "
@@ -248,8 +269,9 @@ def prepare_sample(items, config: ModelConfig, *, add_bos: bool = True, add_eos:
     content = 0
     for j, item in enumerate(items):
         at = f"{where}[{j}]"
-        if not isinstance(item, (torch.Tensor, tuple)):
-            raise TypeError(f"{at} must be a torch.Tensor or (modality_name, tensor), got {type(item).__name__}")
+        if not isinstance(item, (torch.Tensor, tuple, Latents)):
+            raise TypeError(f"{at} must be a torch.Tensor, Latents or (modality_name, tensor), got "
+                            f"{type(item).__name__}")
         if isinstance(item, torch.Tensor) and not item.is_floating_point():
             if item.dim() != 1 or item.dtype == torch.bool:
                 raise ValueError(f"{at}: text must be a 1-D integer tensor of token ids, got "
@@ -264,8 +286,10 @@ def prepare_sample(items, config: ModelConfig, *, add_bos: bool = True, add_eos:
                 spans[-1] = spans[-1][:4] + (True,)
             continue
         m, tensor = _resolve_modality(config, item, at)
+        if isinstance(tensor, Latents):
+            tensor = tensor.tensor
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{at}: the span must be a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(f"{at}: the span must be a torch.Tensor or Latents, got {type(tensor).__name__}")
         check_span(m, tensor, at)
         patches = to_patches(m, tensor.detach().cpu())
         n = patches.shape[0]
@@ -287,22 +311,58 @@ def prepare_sample(items, config: ModelConfig, *, add_bos: bool = True, add_eos:
     return PreparedSample(tokens, spans)
 
 
+def _is_span_item(item) -> bool:
+    return isinstance(item, (tuple, Latents)) or (isinstance(item, torch.Tensor) and item.is_floating_point())
+
+
+def encode_latent_items(samples, config: ModelConfig, codecs: dict | None, *, generator=None,
+                        where: str = "samples") -> list:
+    """``samples`` with every pixel image of a modality in ``codecs`` replaced by
+    ``(name, Latents)``, encoded by its codec in batches of one size (under ``torch.no_grad()``: no
+    gradient reaches the autoencoder). Other items, and samples that are not lists (left for
+    :func:`prepare_sample` to report), pass through. ``generator`` is for codecs that sample."""
+    codecs = check_codecs(codecs, config.modalities)
+    if not codecs or not isinstance(samples, (list, tuple)):
+        return samples
+    out = [list(s) if isinstance(s, (list, tuple)) else s for s in samples]
+    todo: dict = {}                                   # name -> [(i, j, image)]
+    for i, sample in enumerate(out):
+        if not isinstance(sample, list):
+            continue
+        for j, item in enumerate(sample):
+            if not _is_span_item(item) or isinstance(item, Latents):
+                continue
+            m, tensor = _resolve_modality(config, item, f"{where}[{i}][{j}]", codecs)
+            if m.name not in codecs or not isinstance(tensor, torch.Tensor):
+                continue
+            codecs[m.name].check_item(tensor, m)      # pixels that encode to a latent this modality takes
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}[{i}][{j}]: image for modality {m.name!r} contains NaN or inf")
+            todo.setdefault(m.name, []).append((i, j, tensor.detach()))
+    for name, entries in todo.items():
+        latents = codecs[name].encode_items([image for _, _, image in entries], generator=generator)
+        for (i, j, _), latent in zip(entries, latents):
+            out[i][j] = (name, Latents(latent.tensor.detach().cpu()))
+    return out
+
+
 def _drop_prefix_for_cfg(items):
     """The sample without the items before its first span (the unconditional case of CFG)."""
     for j, item in enumerate(items):
-        if isinstance(item, tuple) or (isinstance(item, torch.Tensor) and item.is_floating_point()):
+        if _is_span_item(item):
             return list(items[j:]) if j > 0 else None
     return None
 
 
 def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: bool = True,
          add_eos: bool = True, cfg_drop_prob: float | None = None, caption_noise_prob: float = 0.8,
-         caption_max_timestep: int | None = None, timesteps=None) -> Batch:
+         caption_max_timestep: int | None = None, timesteps=None, codecs: dict | None = None) -> Batch:
     """Pack ``samples`` into one :class:`Batch` (deterministic given ``seed``).
 
     Args:
         samples: list of samples; each a list of text id tensors, images ``(C, H, W)`` and series
-            ``(L, F)`` (or ``(modality_name, tensor)``) in order.
+            ``(L, F)`` (or ``(modality_name, tensor)``) in order; an image of a latent modality may
+            be pixels (encoded with ``codecs``) or :class:`~transfusion_fast.Latents`.
         config: the model's config (special tokens, modalities, schedule, max_seq_len).
         seed: seeds the CFG drop, the timesteps and the noise.
         device: where the batch lives (default CPU).
@@ -312,8 +372,12 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
             caption) draws its timestep from ``[0, caption_max_timestep]`` with this probability, as
             the Transfusion paper does (80%, t ≤ 500 of T = 1000); other spans draw from ``[0, T)``.
             ``caption_max_timestep`` defaults to ``T // 2`` (500 for T = 1000, and a valid bound for
-            every T).
-        timesteps: optional fixed timestep per span (int sequence), overriding the draw.
+            every T). A flow model draws ``t`` uniformly from ``[0, caption_max_timestep / T]``
+            instead (t = 0.5 has the SNR 1 of the cosine schedule's step 500), other spans from its
+            distribution.
+        timesteps: optional fixed time per span, overriding the draw: ints in ``[0, T)`` (DDPM) or
+            floats in [0, 1] (flow).
+        codecs: ``{modality name: LatentCodec}`` for latent modalities (e.g. ``model.codecs``).
     """
     if not isinstance(samples, (list, tuple)) or len(samples) == 0:
         raise ValueError(f"samples must be a non-empty list of samples, got "
@@ -329,14 +393,16 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
     add_bos, add_eos = check_bool("add_bos", add_bos), check_bool("add_eos", add_eos)
     gen = torch.Generator().manual_seed(check_int("seed", seed, 0, MAX_SEED - 1))
 
-    prepared = []
-    for i, sample in enumerate(samples):
+    kept = []
+    for sample in samples:
         draw = float(torch.rand((), generator=gen))
         if isinstance(sample, (list, tuple)) and draw < drop:
             dropped = _drop_prefix_for_cfg(sample)
             sample = dropped if dropped is not None else sample
-        prepared.append(prepare_sample(sample, config, add_bos=add_bos, add_eos=add_eos,
-                                       where=f"samples[{i}]"))
+        kept.append(sample)
+    kept = encode_latent_items(kept, config, codecs, generator=gen)
+    prepared = [prepare_sample(sample, config, add_bos=add_bos, add_eos=add_eos, where=f"samples[{i}]")
+                for i, sample in enumerate(kept)]
 
     lengths = [s.length for s in prepared]
     starts = [0]
@@ -348,10 +414,20 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
 
     # Spans: timestep, noise, rows; global span order is document order.
     all_spans = [(i, sp) for i, s in enumerate(prepared) for sp in s.spans]
+    flow = config.is_flow
     if timesteps is not None:
-        timesteps = check_int_list("timesteps", timesteps, 0, T - 1)
+        if flow:
+            if isinstance(timesteps, torch.Tensor):
+                timesteps = timesteps.tolist()
+            if not isinstance(timesteps, (list, tuple)):
+                raise ValueError(f"timesteps must be a sequence of floats in [0, 1], got {describe(timesteps)}")
+            timesteps = [check_float(f"timesteps[{i}] (objective='flow')", t, 0.0, 1.0)
+                         for i, t in enumerate(timesteps)]
+        else:
+            timesteps = check_int_list("timesteps", timesteps, 0, T - 1)
         if len(timesteps) != len(all_spans):
-            raise ValueError(f"timesteps must give one value in [0, {T}) per span ({len(all_spans)} spans), "
+            expected = "[0, 1] (objective='flow')" if flow else f"[0, {T})"
+            raise ValueError(f"timesteps must give one value in {expected} per span ({len(all_spans)} spans), "
                              f"got {len(timesteps)} values")
     span_bounds, span_t, span_sizes, span_shapes = [], [], [], []
     per_mod: dict = {}
@@ -360,12 +436,20 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
     for k, (i, (offset, m, x0, shape, followed_by_text)) in enumerate(all_spans):
         if timesteps is not None:
             t = timesteps[k]
+        elif flow:
+            full = float(ops.sample_flow_timesteps(
+                1, distribution=config.flow_time_distribution, mean=config.flow_time_mean,
+                std=config.flow_time_std, shift=config.flow_shift, generator=gen)[0])
+            clean = float(torch.rand((), generator=gen, dtype=torch.float64)) * caption_max_timestep / T
+            use_clean = float(torch.rand((), generator=gen)) < caption_noise_prob
+            t = clean if (followed_by_text and use_clean) else full
         else:
             full = int(torch.randint(0, T, (), generator=gen))
             clean = int(torch.randint(0, caption_max_timestep + 1, (), generator=gen))
             use_clean = float(torch.rand((), generator=gen)) < caption_noise_prob
             t = clean if (followed_by_text and use_clean) else full
-        noise = torch.randn(x0.shape, generator=gen)
+        # DDPM noise is drawn here; flow noise is generated with the interpolation below.
+        noise = None if flow else torch.randn(x0.shape, generator=gen)
         n = x0.shape[0]
         start = starts[i] + offset
         rows = torch.arange(start, start + n)
@@ -375,19 +459,24 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
         span_sizes.append(n)
         span_shapes.append((m.name, shape, i))
         positions_override.append((rows, *span_positions(config, m, shape, offset)))
-        d = per_mod.setdefault(m.name, {"rows": [], "x0": [], "noise": [], "t": [], "idx": []})
+        d = per_mod.setdefault(m.name, {"rows": [], "x0": [], "noise": [], "t": [], "idx": [], "shapes": []})
         d["rows"].append(rows)
         d["x0"].append(x0)
         d["noise"].append(noise)
-        d["t"].append(torch.full((n,), t, dtype=torch.int64))
+        d["t"].append(torch.full((n,), t, dtype=torch.float32 if flow else torch.int64))
         d["idx"].append(torch.full((n,), k, dtype=torch.int64))
+        d["shapes"].append(shape)
 
     schedule = get_schedule(config.schedule, config.diffusion_steps)
     spans = {}
     for name, d in per_mod.items():
-        x0, noise, t = torch.cat(d["x0"]), torch.cat(d["noise"]), torch.cat(d["t"])
-        x_t, _ = ops.add_noise(x0, t, schedule, noise)
-        spans[name] = SpanData(torch.cat(d["rows"]), x0, x_t, noise, t, torch.cat(d["idx"]))
+        x0, t = torch.cat(d["x0"]), torch.cat(d["t"])
+        if flow:
+            x_t, noise = ops.flow_interpolate(x0, t, seed=int(torch.randint(0, 2**62, (), generator=gen)))
+        else:
+            noise = torch.cat(d["noise"])
+            x_t, _ = ops.add_noise(x0, t, schedule, noise)
+        spans[name] = SpanData(torch.cat(d["rows"]), x0, x_t, noise, t, torch.cat(d["idx"]), d["shapes"])
 
     spans_t = torch.tensor(span_bounds, dtype=torch.int64).reshape(-1, 2)
     layout = Layout.transfusion(cu, spans_t) if spans_t.shape[0] else Layout.causal(cu)
@@ -412,7 +501,7 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
 
     batch = Batch(tokens, positions, axial, layout, targets, torch.nonzero(has_target).flatten(),
                   spans, torch.tensor(span_sizes, dtype=torch.float32),
-                  torch.tensor(span_t, dtype=torch.int64), span_shapes, lengths, config)
+                  torch.tensor(span_t, dtype=torch.float32 if flow else torch.int64), span_shapes, lengths, config)
     if device is not None and torch.device(device).type != "cpu":
         return batch.to(device)
     for pair in ops.attention_tile_sizes("cpu", config.head_dim):

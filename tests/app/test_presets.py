@@ -7,7 +7,8 @@ from transfusion_fast.app.cli import _setting, build_parser
 from transfusion_fast.app.tasks import DigitsTask, SeriesTask
 
 PRESET_OPTIONS = ("steps", "batch_size", "lr", "dim", "depth", "heads", "checkpoint_every", "sample_steps",
-                  "cfg_scale", "per_digit", "metric_iterations", "length", "num_samples", "image_size")
+                  "cfg_scale", "per_digit", "metric_iterations", "length", "num_samples", "image_size",
+                  "objective", "ema_decay", "sampler")
 
 
 def test_cli_options_default_to_the_preset():
@@ -37,3 +38,18 @@ def test_unknown_task_is_refused():
     assert set(presets.TASKS) == {"digits", "sine", "csv"}
     with pytest.raises(ValueError, match=r"task must be one of \('digits', 'sine', 'csv'\), got 'mnist'"):
         presets.preset("mnist")
+
+
+def test_objective_flow_takes_the_flow_preset():
+    args = build_parser().parse_args(["demo", "--objective", "flow"])
+    flow = presets.preset("digits", "flow")
+    assert flow == presets.FLOW_PRESETS["digits"] and flow.objective == "flow"
+    assert flow.sampler == "euler" and flow.sample_steps <= 25
+    for name in ("sample_steps", "sampler", "objective", "steps", "ema_decay"):
+        assert _setting(args, name, "digits") == getattr(flow, name)
+    # A task without a flow preset of its own: its DDPM preset with the flow objective and Euler.
+    sine = presets.preset("sine", "flow")
+    assert (sine.objective, sine.sampler, sine.steps) == ("flow", "euler", presets.PRESETS["sine"].steps)
+    assert DigitsTask().model_config(objective="flow").objective == "flow"
+    with pytest.raises(ValueError, match=r"objective must be one of \('ddpm', 'flow'\), got 'edm'"):
+        presets.preset("digits", "edm")

@@ -7,6 +7,11 @@
 * ``eval``: the metrics of those samples → ``metrics.json`` (and ``pca.png`` for series).
 * ``demo``: train + sample + eval with the defaults of the task, then print the metrics.
 
+``--objective flow`` trains with rectified flow (and the task's flow preset: Euler sampling in
+fewer steps); ``--sampler`` picks the sampler (``ddim``/``ddpm`` for DDPM, ``euler``/``heun`` for
+flow). Training keeps an EMA of the weights (``--ema-decay``, 0 disables it); sampling uses the
+EMA weights unless ``--raw-weights``.
+
 ``--backend auto | triton | reference`` goes through :func:`transfusion_fast.use_backend` (and
 ``--threads`` through ``torch.set_num_threads``) for the run only: ``main`` called in-process
 leaves the caller's backend and thread count as they were;
@@ -20,6 +25,7 @@ option left out takes the task's preset (:mod:`transfusion_fast.app.presets`, th
 The main-job commands (figures in the README)::
 
     python -m transfusion_fast demo                                   # digits, text <-> image
+    python -m transfusion_fast demo --objective flow --out runs/flow   # the same, rectified flow
     python -m transfusion_fast demo --task sine --length 100 --out runs/sine100
     python -m transfusion_fast demo --task csv --data prices.csv --length 24 --out runs/prices
 """
@@ -38,7 +44,7 @@ import torch
 from ..backend import BACKENDS, use_backend
 from ..checkpoint import load_checkpoint
 from ..checks import MAX_SIZE
-from .presets import TASKS, preset
+from .presets import OBJECTIVES, TASKS, preset
 from .tasks import DigitsTask, SeriesTask, make_task, task_from_checkpoint
 from .trainer import CHECKPOINT_NAME, MAX_TRAIN_SEED, PRECISIONS, autocast, train
 
@@ -86,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--heads", type=int, default=None)
         p.add_argument("--checkpoint-every", type=int, default=None)
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        p.add_argument("--objective", default=None, choices=OBJECTIVES,
+                       help="training objective of the spans (default ddpm; flow: rectified flow)")
+        p.add_argument("--ema-decay", type=float, default=None,
+                       help="decay of the EMA of the weights used for sampling (0 disables it)")
         precision(p)
 
     def precision(p):
@@ -98,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--per-digit", type=int, default=None, help="generated images per digit")
         p.add_argument("--held-out", type=int, default=None,
                        help="caption only the first N held-out images (default: all 359)")
+        p.add_argument("--sampler", default=None, choices=("ddim", "ddpm", "euler", "heun"),
+                       help="span sampler: ddim | ddpm (objective ddpm), euler | heun (objective flow)")
+        p.add_argument("--raw-weights", action="store_true",
+                       help="sample with the trained weights instead of their EMA")
 
     p = commands.add_parser("train", help="train a model")
     common(p, True)
@@ -118,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setting(args, name: str, task_name: str):
-    """The option ``name`` as given on the command line, else the task's preset."""
+def _setting(args, name: str, task_name: str, objective: str | None = None):
+    """The option ``name`` as given on the command line, else the task's preset for ``objective``
+    (default: ``--objective``, else ddpm)."""
     value = getattr(args, name, None)
-    return getattr(preset(task_name), name) if value is None else value
+    objective = objective or getattr(args, "objective", None) or "ddpm"
+    return getattr(preset(task_name, objective), name) if value is None else value
 
 
 def _make_task(args):
@@ -166,6 +182,9 @@ def _validate(args) -> None:
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None and not (math.isfinite(value) and (value > low if low_open else value >= low)):
             raise UsageError(f"{flag} must be a finite number {'>' if low_open else '>='} {low:g}, got {value}")
+    ema_decay = getattr(args, "ema_decay", None)
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise UsageError(f"--ema-decay must be a number in [0, 1) (0 disables the EMA), got {ema_decay}")
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as error:
@@ -194,7 +213,8 @@ def cmd_train(args) -> dict:
     steps = _setting(args, "steps", task.name)
     dim, depth, heads = (_setting(args, name, task.name) for name in ("dim", "depth", "heads"))
     try:
-        config = task.model_config(dim=dim, depth=depth, heads=heads)
+        config = task.model_config(dim=dim, depth=depth, heads=heads,
+                                   objective=_setting(args, "objective", task.name))
     except ValueError as error:
         raise UsageError(f"--dim {dim} --depth {depth} --heads {heads} give no valid model: {error}") from None
     t0 = time.perf_counter()
@@ -202,8 +222,10 @@ def cmd_train(args) -> dict:
                            lr=_setting(args, "lr", task.name), model_config=config, device=args.device,
                            checkpoint_every=_setting(args, "checkpoint_every", task.name),
                            resume=args.resume, progress=not args.no_progress, seed=args.seed,
-                           precision=args.precision)
-    summary = {"task": task.name, "steps": steps,
+                           precision=args.precision,
+                           ema_decay=args.ema_decay if args.resume else _setting(args, "ema_decay", task.name))
+    summary = {"task": task.name, "steps": steps, "objective": model.config.objective,
+               "ema_decay": 0.0 if history["ema"] is None else history["ema"].decay,
                "parameters": model.num_parameters(), "train_seconds": time.perf_counter() - t0,
                "tokens_per_second": history["tokens_per_second"],
                "final_loss": history["loss"][-1] if history["loss"] else None}
@@ -216,24 +238,27 @@ def cmd_train(args) -> dict:
 
 
 def cmd_sample(args) -> dict:
-    task, model, _ = task_from_checkpoint(_checkpoint_path(args), device=args.device)
-    steps = _setting(args, "sample_steps", task.name)
-    if steps > model.config.diffusion_steps:
+    task, model, info = task_from_checkpoint(_checkpoint_path(args), device=args.device,
+                                             use_ema=not args.raw_weights)
+    objective = model.config.objective
+    steps = _setting(args, "sample_steps", task.name, objective)
+    if not model.config.is_flow and steps > model.config.diffusion_steps:
         raise UsageError(f"--sample-steps must be at most the model's {model.config.diffusion_steps} diffusion "
                          f"steps, got {steps}")
     held_out = getattr(args, "held_out", None)
     if task.name == "digits" and held_out is not None and held_out > len(task.data.test_images):
         raise UsageError(f"--held-out must be at most {len(task.data.test_images)} (the held-out images), "
                          f"got {held_out}")
-    kwargs = {"steps": steps, "seed": args.seed, "progress": not args.no_progress}
+    kwargs = {"steps": steps, "seed": args.seed, "progress": not args.no_progress,
+              "sampler": _setting(args, "sampler", task.name, objective), "weights": info["weights"]}
     if task.name == "digits":
-        kwargs.update(per_digit=_setting(args, "per_digit", task.name),
-                      cfg_scale=_setting(args, "cfg_scale", task.name),
+        kwargs.update(per_digit=_setting(args, "per_digit", task.name, objective),
+                      cfg_scale=_setting(args, "cfg_scale", task.name, objective),
                       held_out=args.held_out)
     with autocast(args.device, args.precision):
         result = task.sample(model, args.out, **kwargs)
-    print(f"sampled into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in result.items()))
+    print(f"sampled with the {info['weights']} weights into {args.out}: "
+          + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
 
 

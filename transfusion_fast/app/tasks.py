@@ -24,13 +24,13 @@ import time
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint
 from ..config import ModalityConfig, ModelConfig
 from ..model import Model
 from . import data as data_mod
 from . import metrics
 from .presets import TASKS, preset
 from .tokenizer import BOI, BOS, EOI, EOS, PAD, VOCAB_SIZE, ByteTokenizer
+from .trainer import load_model
 
 __all__ = ["DigitsTask", "SeriesTask", "make_task", "task_from_checkpoint"]
 
@@ -66,12 +66,13 @@ class DigitsTask:
                 "caption_fraction": self.caption_fraction}
 
     def model_config(self, dim: int | None = None, depth: int | None = None,
-                     heads: int | None = None) -> ModelConfig:
-        """The model for this task; ``None`` takes the size from the task's preset."""
+                     heads: int | None = None, objective: str = "ddpm") -> ModelConfig:
+        """The model for this task; ``None`` takes the size from the task's preset. ``objective``:
+        ``"ddpm"`` (v-prediction) or ``"flow"`` (rectified flow)."""
         dim, depth, heads = _model_size(self.name, dim, depth, heads)
         patch = 2 if self.image_size == 8 else 4        # 16 patches either way
         return ModelConfig(**_base_config(
-            dim=dim, depth=depth, n_heads=heads, max_seq_len=512, prediction="v",
+            dim=dim, depth=depth, n_heads=heads, max_seq_len=512, prediction="v", objective=objective,
             modalities=(ModalityConfig("image", "image", channels=1, patch_size=patch,
                                        max_size=self.image_size),)))
 
@@ -94,7 +95,7 @@ class DigitsTask:
 
     # ------------------------------------------------------------------ sampling
     def generate_images(self, model: Model, per_digit: int, steps: int, cfg_scale: float, seed: int,
-                        chunk: int = 100, progress: bool = False):
+                        chunk: int = 100, progress: bool = False, sampler: str | None = None):
         """``per_digit`` images per digit, the captions cycling through every template;
         returns images ``(10·per_digit, 1, S, S)``, requested labels and the captions used."""
         captions, labels = [], []
@@ -110,7 +111,7 @@ class DigitsTask:
                        for c in captions[start:start + chunk]]
             outs = model.generate(prompts, max_new_tokens=0, num_inference_steps=steps,
                                   cfg_scale=cfg_scale, seed=seed + start, span_shape=shape,
-                                  progress=progress)
+                                  progress=progress, sampler=sampler)
             images.extend(_first_span(o, shape) for o in outs)
         return torch.stack(images), torch.tensor(labels), captions
 
@@ -128,18 +129,20 @@ class DigitsTask:
 
     def sample(self, model: Model, out_dir: str, *, per_digit: int | None = None, steps: int | None = None,
                cfg_scale: float | None = None, seed: int = 0, progress: bool = True,
-               held_out: int | None = None) -> dict:
+               held_out: int | None = None, sampler: str | None = None, weights: str = "raw") -> dict:
         """Generate ``per_digit`` images for every digit and a caption for every held-out image
         (the first ``held_out`` of them when given); write ``samples.png`` (one row per digit),
-        ``captions.txt`` and ``samples.pt``. ``None`` takes the preset's value."""
-        defaults = preset(self.name)
+        ``captions.txt`` and ``samples.pt``. ``None`` takes the preset's value (of the model's
+        objective); ``weights`` ("ema" or "raw") is recorded with the settings."""
+        defaults = preset(self.name, model.config.objective)
         per_digit = defaults.per_digit if per_digit is None else per_digit
         steps = defaults.sample_steps if steps is None else steps
         cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
+        sampler = defaults.sampler if sampler is None else sampler
         os.makedirs(out_dir, exist_ok=True)
         t0 = time.perf_counter()
         images, labels, captions = self.generate_images(model, per_digit, steps, cfg_scale, seed,
-                                                        progress=progress)
+                                                        progress=progress, sampler=sampler)
         t_images = time.perf_counter() - t0
         order = torch.argsort(labels, stable=True)                   # rows: digit 0 … 9
         metrics.digit_grid_png(os.path.join(out_dir, "samples.png"), images[order], rows=10)
@@ -156,7 +159,8 @@ class DigitsTask:
         torch.save({"images": images, "labels": labels, "prompts": captions,
                     "captions": generated_captions, "caption_labels": caption_labels,
                     "settings": {"per_digit": per_digit, "steps": steps, "cfg_scale": cfg_scale,
-                                 "seed": seed}}, os.path.join(out_dir, "samples.pt"))
+                                 "seed": seed, "sampler": sampler, "objective": model.config.objective,
+                                 "weights": weights}}, os.path.join(out_dir, "samples.pt"))
         return {"images": len(images), "image_seconds": t_images, "captions": len(generated_captions),
                 "caption_seconds": t_captions}
 
@@ -177,7 +181,7 @@ class DigitsTask:
                 classifier.features(real), classifier.features(self.data.train_images)),
             "generated_images": int(len(saved["images"])),
             "captioned_images": int(len(saved["captions"])),
-            "sampler": dict(saved["settings"], sampler="ddim"),
+            "sampler": dict({"sampler": "ddim"}, **saved["settings"]),
         }
 
 
@@ -228,11 +232,12 @@ class SeriesTask:
         return 1
 
     def model_config(self, dim: int | None = None, depth: int | None = None,
-                     heads: int | None = None) -> ModelConfig:
+                     heads: int | None = None, objective: str = "ddpm") -> ModelConfig:
         """The model for this task; ``None`` takes the size from the task's preset."""
         dim, depth, heads = _model_size(self.name, dim, depth, heads)
         return ModelConfig(**_base_config(
             dim=dim, depth=depth, n_heads=heads, cfg_drop_prob=0.0, conditioning="adaln_zero", prediction="v",
+            objective=objective,
             max_seq_len=max(512, self.length + 8),
             modalities=(ModalityConfig("series", "sequence", channels=self.features,
                                        patch_size=self.patch_size(), max_size=self.length),)))
@@ -243,33 +248,36 @@ class SeriesTask:
         return [[("series", self.train_model[i])] for i in idx.tolist()]
 
     def generate_windows(self, model: Model, count: int, steps: int, seed: int, chunk: int = 200,
-                         progress: bool = False) -> np.ndarray:
+                         progress: bool = False, sampler: str | None = None) -> np.ndarray:
         """``count`` generated windows ``(count, L, F)`` in [0, 1]."""
         shape = (self.length, self.features)
         out = []
         for start in range(0, count, chunk):
             prompts = [[torch.tensor([BOI], dtype=torch.long)] for _ in range(min(chunk, count - start))]
             gens = model.generate(prompts, max_new_tokens=0, num_inference_steps=steps, cfg_scale=1.0,
-                                  seed=seed + start, span_shape=shape, progress=progress)
+                                  seed=seed + start, span_shape=shape, progress=progress, sampler=sampler)
             out.extend(_first_span(g, shape) for g in gens)
         windows = data_mod.from_model_range(torch.stack(out).clamp(-1, 1)).numpy()
         return windows.astype(np.float32)
 
     def sample(self, model: Model, out_dir: str, *, count: int | None = None, steps: int | None = None,
-               seed: int = 0, progress: bool = True, **_unused) -> dict:
+               seed: int = 0, progress: bool = True, sampler: str | None = None, weights: str = "raw",
+               **_unused) -> dict:
         """Generate as many windows as the held-out set holds (or ``count``); write
-        ``samples.npy`` ([0, 1]) and, for CSV data, ``samples_original_units.npy``. ``steps``:
-        DDIM steps, default the preset's."""
-        steps = preset(self.name).sample_steps if steps is None else steps
+        ``samples.npy`` ([0, 1]) and, for CSV data, ``samples_original_units.npy``. ``steps`` and
+        ``sampler``: default the preset's (of the model's objective)."""
+        defaults = preset(self.name, model.config.objective)
+        steps = defaults.sample_steps if steps is None else steps
+        sampler = defaults.sampler if sampler is None else sampler
         os.makedirs(out_dir, exist_ok=True)
         count = count or len(self.test_windows)
         t0 = time.perf_counter()
-        windows = self.generate_windows(model, count, steps, seed, progress=progress)
+        windows = self.generate_windows(model, count, steps, seed, progress=progress, sampler=sampler)
         np.save(os.path.join(out_dir, "samples.npy"), windows)
         if self.scaler is not None:
             np.save(os.path.join(out_dir, "samples_original_units.npy"), self.scaler.inverse(windows))
         with open(os.path.join(out_dir, "sample_settings.json"), "w") as handle:
-            json.dump({"steps": steps, "seed": seed, "count": count, "sampler": "ddim"}, handle)
+            json.dump({"steps": steps, "seed": seed, "count": count, "sampler": sampler, "weights": weights}, handle)
         return {"windows": count, "seconds": time.perf_counter() - t0}
 
     def evaluate(self, out_dir: str, iterations: int | None = None, hidden: int = 16) -> dict:
@@ -309,10 +317,11 @@ def make_task(spec: dict):
     raise ValueError(f"task must be one of {TASKS}, got {kind!r}")
 
 
-def task_from_checkpoint(path: str, device="cpu"):
+def task_from_checkpoint(path: str, device="cpu", use_ema: bool = True):
     """``(task, model, info)`` rebuilt from a checkpoint written by
-    :func:`transfusion_fast.app.trainer.train`."""
-    model, info = load_checkpoint(path, map_location="cpu")
+    :func:`transfusion_fast.app.trainer.train`, with its EMA weights when it kept an EMA and
+    ``use_ema`` (``info["weights"]``: "ema" or "raw")."""
+    model, info = load_model(path, use_ema=use_ema)
     spec = info["extra"].get("task")
     if not spec:
         raise ValueError(f"checkpoint {path!r} holds no task description (it was not written by "
