@@ -542,13 +542,13 @@ def generate(model: nn.Module, prompts, *, max_new_tokens: int = 64, temperature
     sampler = SAMPLERS[config.objective][0] if sampler is None else sampler
     _check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, sampler,
                          num_inference_steps, cfg_scale, eta)
+    seed = check_int("seed", seed, 0, MAX_SEED - 1)
     codecs = check_codecs(getattr(model, "codecs", None) if codecs is None else codecs, config.modalities)
-    prompts = encode_latent_items(prompts, config, codecs, generator=torch.Generator().manual_seed(int(seed)),
+    prompts = encode_latent_items(prompts, config, codecs, generator=torch.Generator().manual_seed(seed),
                                   where="prompts")
     boi_modality = _boi_modalities(config, modality)
     shapes = _span_shapes(config, boi_modality, span_shape, modality)
     add_bos, stop_at_eos = check_bool("add_bos", add_bos), check_bool("stop_at_eos", stop_at_eos)
-    seed = check_int("seed", seed, 0, MAX_SEED - 1)
     prepared = [prepare_sample(p, config, add_bos=add_bos, add_eos=False, where=f"prompts[{i}]",
                                allow_empty=add_bos) for i, p in enumerate(prompts)]
     _check_room(config, prepared, boi_modality, shapes, max_new_tokens)
