@@ -188,7 +188,9 @@ class _CpuAttention(torch.autograd.Function):
                 aten_forward: bool = False):
         if aten_forward:
             o, lse = _aten_dense_forward(q, k, v, layout, scale)
-        else:
+        if aten_forward and not (bool(torch.isfinite(o).all()) and bool(torch.isfinite(lse).all())):
+            aten_forward = False         # NaN / inf inputs: this kernel's semantics (ops.attention's docstring)
+        if not aten_forward:
             o, lse = _cpu_attention_op(q, k, v, layout.kv_start, layout.kv_end, rows.kv_lo, rows.kv_hi,
                                        rows.kv_full_lo, rows.kv_full_hi, rows.block_m, rows.block_n, scale)
         ctx.save_for_backward(q, k, v, o, lse, layout.kv_start, layout.kv_end, layout.q_start, layout.q_end,
