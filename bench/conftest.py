@@ -5,7 +5,10 @@ pytest-benchmark has no ``--benchmark`` flag; this file registers it.
 * With ``--benchmark``: every suite runs at its real sizes with pytest-benchmark timing, the JSON
   (timings, the tags of every record, the environment, what was unavailable and the side reports)
   is saved to ``bench/results/latest.json`` (unless ``--benchmark-json PATH`` is given), and one
-  summary table of ratios against the baselines measured in the same run is printed.
+  summary table of ratios against the baselines measured in the same run is printed. The JSON is
+  written to a side file and moved over ``latest.json`` once the run has finished, so an
+  interrupted run never leaves a truncated file behind. ``TRANSFUSION_FAST_BENCH_RESULTS=DIR``
+  puts ``latest.json`` in DIR instead (the test of this saving path uses it).
   ``python scripts/perf_report.py`` turns that JSON into the README "Performance" section.
 * Without it: pytest-benchmark is disabled (``--benchmark-disable``), so every benchmark body runs
   exactly once at tiny sizes: the CI smoke test that keeps the suites working. Nothing is saved.
@@ -15,12 +18,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 import benchlib
 import perf_summary
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("TRANSFUSION_FAST_BENCH_RESULTS")
+                   or Path(__file__).resolve().parent / "results")
 LATEST = RESULTS_DIR / "latest.json"
 _PARTIAL = RESULTS_DIR / f".latest.json.{os.getpid()}.partial"   # one per run: runs may overlap
 _SAVED: dict = {}
@@ -45,10 +50,10 @@ def pytest_configure(config):
         config.option.benchmark_disable = False
         config.option.benchmark_enable = True
         if config.option.benchmark_json is None:
-            RESULTS_DIR.mkdir(exist_ok=True)
-            # Written to a side file and moved over latest.json only once the run has finished,
-            # so an interrupted run never leaves a truncated latest.json behind.
-            config.option.benchmark_json = open(_PARTIAL, "wb")  # noqa: SIM115 (closed by pytest-benchmark)
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            # A path, as `--benchmark-json PATH` gives it (pytest-benchmark 5 opens it itself):
+            # the side file, moved over latest.json only once the run has finished.
+            config.option.benchmark_json = _PARTIAL
     else:
         config.option.benchmark_disable = True
 
@@ -85,18 +90,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if data is None:
         terminalreporter.write_line("bench/: no benchmark record was produced, nothing saved.")
         return
-    if _PARTIAL.exists() and _PARTIAL.stat().st_size > 0:
+    if _PARTIAL.exists():
+        if exitstatus == pytest.ExitCode.INTERRUPTED:
+            terminalreporter.write_line(f"bench/: interrupted, {LATEST} left as it was.")
+            return
         os.replace(_PARTIAL, LATEST)
         where = LATEST
     else:
-        where = config.option.benchmark_json.name if config.option.benchmark_json else "(not saved)"
+        where = config.option.benchmark_json or "(not saved)"
     terminalreporter.write_sep("=", "transfusion_fast: ratios against baselines of this run")
     terminalreporter.write_line(perf_summary.format_text(data))
     terminalreporter.write_line(f"\nSaved: {where}. README section: python scripts/perf_report.py")
 
 
 def pytest_unconfigure(config):
-    # A run that saved nothing leaves an empty side file: drop it.
-    if _PARTIAL.exists() and _PARTIAL.stat().st_size == 0:
-        _PARTIAL.unlink()
-
+    # A side file that was not moved over latest.json (interrupted run) is dropped.
+    _PARTIAL.unlink(missing_ok=True)

@@ -7,8 +7,6 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <iterator>
 #include <string>
@@ -16,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "isa.h"
 #include "philox.h"
 
 namespace transfusion_fast {
@@ -32,6 +31,7 @@ void check_q_sample_noise(const at::Tensor& x0, const at::Tensor& noise);
 // point, so the build needs no -mavx flags and the CPU is asked at run time which entry to use.
 // Operation for operation the scalar recipe: FMA contraction is off (philox.h), the quadrant
 // rotation flips sign bits exactly where the scalar code negates.
+#if TF_X86
 #define TF_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #define TF_TARGET_AVX2 __attribute__((target("avx2")))
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of the inlined helpers: never a real call
@@ -246,11 +246,13 @@ TF_TARGET_AVX2 __attribute__((flatten)) void philox_normals_avx2(uint64_t seed, 
 }
 
 }  // namespace simd
+#endif  // TF_X86
 
 // The noise code paths of this build; "auto" picks the widest the CPU runs.
 enum class NoiseIsa { kScalar, kAvx2, kAvx512 };
 
 bool cpu_runs(NoiseIsa isa) {
+#if TF_X86
   switch (isa) {
     case NoiseIsa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -258,6 +260,9 @@ bool cpu_runs(NoiseIsa isa) {
     case NoiseIsa::kAvx2: return __builtin_cpu_supports("avx2");
     default: return true;
   }
+#else
+  return isa == NoiseIsa::kScalar;
+#endif
 }
 
 NoiseIsa widest_noise_isa() {
@@ -270,6 +275,7 @@ NoiseIsa widest_noise_isa() {
 void philox_normals_with(NoiseIsa isa, uint64_t seed, int64_t first, int64_t n, float* buf) {
   const int64_t blocks = (n + 3) / 4, first_block = first / 4;
   int64_t j = 0;
+#if TF_X86
   if (isa == NoiseIsa::kAvx512) {
     j = blocks - blocks % simd::Avx512::kBlocks;
     simd::philox_normals_avx512(seed, static_cast<uint64_t>(first_block), j, buf);
@@ -277,6 +283,7 @@ void philox_normals_with(NoiseIsa isa, uint64_t seed, int64_t first, int64_t n, 
     j = blocks - blocks % simd::Avx2::kBlocks;
     simd::philox_normals_avx2(seed, static_cast<uint64_t>(first_block), j, buf);
   }
+#endif
   for (; j < blocks; ++j) philox_normal4(seed, static_cast<uint64_t>(first_block + j), buf + 4 * j);
 }
 
@@ -294,7 +301,7 @@ constexpr int64_t kChunk = 1024;
 // (and eps copied to noise_out when it is not null). A clone per vector width, picked at load time:
 // one thread keeps more cache lines in flight with wider loads (the loop is memory bound).
 // No FMA in any clone (contraction is off), so every clone gives the reference's bits.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TF_TARGET_CLONES
 void q_sample_chunk_f32(int64_t begin, int64_t end, int64_t row_size, const int64_t* t_rows, const double* a_table,
                         const double* b_table, const float* __restrict x0, const float* __restrict eps,
                         float* __restrict noise_out, float* __restrict x_t) {

@@ -9,13 +9,12 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "patchify.h"
 
 namespace transfusion_fast {
@@ -86,6 +85,7 @@ inline void move(T* image_element, T* patch_element) {
 // measured ~25% faster than regular stores for 16 MiB that is not in cache, the same when it is).
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
+#if TF_X86
 __attribute__((target("avx512f"))) void stream_copy_avx512(char* dst, const char* src, size_t bytes) {
   for (size_t i = 0; i < bytes; i += 64) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
@@ -99,17 +99,26 @@ __attribute__((target("avx2"))) void stream_copy_avx2(char* dst, const char* src
   }
 }
 
-// memcpy with non-temporal stores for the 64-byte-aligned whole lines of dst (the caller fences).
+#endif  // TF_X86
+
+// memcpy with non-temporal stores for the 64-byte-aligned whole lines of dst (the caller fences);
+// a plain memcpy where the build has no x86 path or the CPU neither AVX-512 nor AVX2.
 void stream_copy(void* dst_ptr, const void* src_ptr, size_t bytes) {
+#if TF_X86
   static const int width = __builtin_cpu_supports("avx512f") ? 64 : __builtin_cpu_supports("avx2") ? 32 : 0;
+#else
+  constexpr int width = 0;
+#endif
   auto* dst = static_cast<char*>(dst_ptr);
   const auto* src = static_cast<const char*>(src_ptr);
   const size_t head = std::min<size_t>(bytes, (64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64);
   std::memcpy(dst, src, head);
   dst += head; src += head; bytes -= head;
   const size_t body = width ? bytes & ~size_t{63} : 0;
+#if TF_X86
   if (width == 64) stream_copy_avx512(dst, src, body);
   else if (width == 32) stream_copy_avx2(dst, src, body);
+#endif
   std::memcpy(dst + body, src + body, bytes - body);
 }
 
@@ -235,7 +244,7 @@ inline void patch_row_range(T* img, T* patches, const PatchGeometry& g, int64_t 
 // One clone per vector width, picked at load time: the (de-)interleave of the tile is shuffle work,
 // which is what bounds these kernels on one thread (they only move bits: every clone is exact).
 #define TF_PATCH_ROWS_CLONES(T)                                                                            \
-  __attribute__((target_clones("avx512f", "avx2", "default"), flatten)) void patch_row_range_any(            \
+  TF_TARGET_CLONES __attribute__((flatten)) void patch_row_range_any(                                      \
       bool to_patches, T* img, T* patches, const PatchGeometry& g, int64_t begin, int64_t end, bool stream) { \
     if (to_patches) patch_row_range<T, true>(img, patches, g, begin, end, stream);                          \
     else patch_row_range<T, false>(img, patches, g, begin, end, stream);                                     \
@@ -253,7 +262,9 @@ void patch_rows_cpu(T* img, T* patches, const PatchGeometry& g) {
   const bool stream = g.B * g.C * g.H * g.W * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     patch_row_range_any(ToPatches, img, patches, g, begin, end, stream);
+#if TF_X86
     if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: publish them
+#endif
   });
 }
 

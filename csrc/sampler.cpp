@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "philox.h"
 
 namespace transfusion_fast {
@@ -76,14 +77,8 @@ constexpr int64_t kChunk = 1024;  // multiple of 4: a Philox block never straddl
 // m = u + scale * (c - u) when guided. z: the given noise or, when null, Philox noise generated into
 // buf on the first row that draws noise. A clone per vector width, picked at load time: one thread
 // keeps more cache lines in flight with wider loads (the loop is memory bound). No FMA in any clone
-// (contraction is off), so every clone gives the generic kernel's bits. The clones are x86 only: the
-// attribute does not compile for other targets (aarch64), which get the one generic version.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TF_SAMPLER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TF_SAMPLER_CLONES
-#endif
-TF_SAMPLER_CLONES
+// (contraction is off), so every clone gives the generic kernel's bits.
+TF_TARGET_CLONES
 void step_chunk_f32(int64_t begin, int64_t end, int64_t row_size, const StepCoefficients* coefficients,
                     const float* __restrict x, const float* __restrict cond, const float* __restrict uncond,
                     float scale, const float* __restrict given_noise, uint64_t seed, float* __restrict buf,

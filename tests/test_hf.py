@@ -450,7 +450,7 @@ def test_new_config_fields_default_to_the_old_model_and_are_validated():
     model = Model(ModelConfig(ffn_hidden_size=100, qkv_bias=True))
     assert model.layers[0].feed_forward.w13.weight.shape == (200, 64)
     assert model.layers[0].attention.wqkv.bias.shape == (192,)
-    with pytest.raises(ValueError, match="ffn_hidden_size must be a positive int <= 2147483647, got int 0"):
+    with pytest.raises(ValueError, match=r"ffn_hidden_size must be a positive int <= 2147483647, got int 0"):
         ModelConfig(ffn_hidden_size=0)
     with pytest.raises(ValueError, match=r"qkv_bias must be a bool \(True or False\), got int 1"):
         ModelConfig(qkv_bias=1)

@@ -14,8 +14,8 @@ import pytest
 # Lowest first: a module may import modules of its own layer or of a lower one, never higher.
 LAYERS = [
     ("checks", ("transfusion_fast.checks",)),
-    ("base", ("transfusion_fast._ext", "transfusion_fast.backend", "transfusion_fast.layout",
-              "transfusion_fast.schedules", "transfusion_fast.aot")),
+    ("base", ("transfusion_fast._compat", "transfusion_fast._ext", "transfusion_fast.backend",
+              "transfusion_fast.layout", "transfusion_fast.schedules", "transfusion_fast.aot")),
     ("kernels", ("transfusion_fast.kernels",)),
     ("ops", ("transfusion_fast.ops",)),
     ("config", ("transfusion_fast.config", "transfusion_fast.hf_weights")),

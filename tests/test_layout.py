@@ -1,8 +1,11 @@
 """Layout: intervals equal the mask built the slow way; tile classification is exact; bad input."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from strategies import layouts
 
 from transfusion_fast import Layout
@@ -148,3 +151,71 @@ def test_bad_layout_types():
         Layout.decode(torch.tensor([0, 3], dtype=torch.int32), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="block_m"):
         Layout.causal(torch.tensor([0, 3], dtype=torch.int32)).tile_table(0, 16)
+
+
+# ------------------------------------------------------------------------------------- to(device)
+class _DeviceOps(TorchDispatchMode):
+    """Counts the operators that produce a tensor on ``device``, views (no kernel) apart."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = torch.device(device)
+        self.ops, self.views = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        if any(isinstance(t, torch.Tensor) and t.device == self.device for t in outputs):
+            (self.views if func.is_view else self.ops).append(str(func))
+        return out
+
+
+def _layouts():
+    cu = torch.tensor([0, 10, 300, 1000, 1001])
+    return [Layout.causal(cu), Layout.bidirectional(cu),
+            Layout.transfusion(cu, torch.tensor([[3, 7], [20, 200], [400, 410]])),
+            Layout.decode(cu, torch.tensor([1, 5, 1, 1]), torch.tensor([[996, 1000]]))]
+
+
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("tile_sizes", [(), ((128, 64),), ((128, 64), (32, 128), (16, 16))])
+def test_to_device_is_one_copy_whatever_the_tables(index, tile_sizes):
+    """Moving a layout and its tile tables to another device dispatches one device op (the copy
+    of one host buffer), views apart; the meta device stands for a GPU on a CPU-only machine."""
+    layout = _layouts()[index]
+    with _DeviceOps("meta") as counter:
+        moved = layout.to("meta", tile_sizes=tile_sizes)
+    assert counter.ops == ["aten._to_copy.default"], counter.ops
+    assert moved.device.type == "meta" and set(moved._tables) == set(tile_sizes)
+    for name in ("cu_seqlens", "q_cu_seqlens", "spans", "kv_start", "kv_end", "q_start", "q_end",
+                 "positions", "q_positions"):
+        assert getattr(moved, name).shape == getattr(layout, name).shape
+        assert getattr(moved, name).dtype == torch.int32
+    assert (moved.num_keys, moved.num_queries, moved.max_seqlen) == \
+        (layout.num_keys, layout.num_queries, layout.max_seqlen)
+    for pair in tile_sizes:    # cached: reading a table there dispatches nothing
+        with _DeviceOps("meta") as counter:
+            moved.tile_table(*pair)
+        assert counter.ops == []
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_to_copies_every_vector_and_table(index):
+    layout = _layouts()[index]
+    layout.tile_table(64, 32)
+    moved = layout.to("cpu", tile_sizes=[(16, 64)])
+    for name, value in vars(layout).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(moved, name), value), name
+            assert value.numel() == 0 or getattr(moved, name).data_ptr() != value.data_ptr(), name
+    for pair, table in layout._tables.items():
+        copy = moved.tile_table(*pair)
+        for field in dataclasses.fields(table):
+            a, b = getattr(copy, field.name), getattr(table, field.name)
+            assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, (pair, field.name)
+    # The copy answers like a layout built from scratch.
+    fresh = Layout(layout.cu_seqlens, None if layout.is_bidirectional else layout.spans,
+                   bidirectional=layout.is_bidirectional,
+                   q_lens=layout.q_cu_seqlens[1:] - layout.q_cu_seqlens[:-1])
+    assert moved.tile_counts(16, 64) == fresh.tile_counts(16, 64)
+    assert torch.equal(moved.kv_end, fresh.kv_end)

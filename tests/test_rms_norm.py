@@ -136,11 +136,37 @@ def test_cpu_backend_is_the_reference_composition():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+def test_mixed_dtype_residual_sums_in_the_wider_dtype(backend, triton_device):
+    """Under autocast a block output (fp16/bf16) meets the fp32 residual stream: h = x + residual
+    is formed in fp32 and y has h's dtype, with the values and gradients of the all-fp32 call."""
+    device = triton_device if backend == "triton" else "cpu"
+    half = torch.float16 if backend == "triton" else torch.bfloat16   # interpreter: no bf16 dots
+    x = _random((6, 24), half, device).requires_grad_(True)
+    residual = _random((6, 24), torch.float32, device, seed=2).requires_grad_(True)
+    weight = _random(24, torch.float32, device, seed=1).requires_grad_(True)
+    with transfusion_fast.use_backend(backend):
+        y, h = rms_norm(x, weight, 1e-5, residual)
+    assert y.dtype == h.dtype == torch.float32
+    want_y, want_h = rms_norm_reference(x.detach().float(), weight.detach(), 1e-5, residual.detach())
+    torch.testing.assert_close(h, want_h, atol=0, rtol=0)
+    torch.testing.assert_close(y, want_y, atol=1e-5, rtol=1e-5)
+    (y * h).sum().backward()
+    xf, rf, wf = (t.detach().float().requires_grad_(True) for t in (x, residual, weight))
+    yf, hf = rms_norm_reference(xf, wf, 1e-5, rf)
+    (yf * hf).sum().backward()
+    assert x.grad.dtype == half and residual.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, xf.grad.to(half), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(residual.grad, rf.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(weight.grad, wf.grad, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: rms_norm(torch.randn(3, 8), torch.randn(7)), r"weight must have shape \(8,\)"),
-    (lambda: rms_norm(torch.randn(3, 8), torch.randn(8), 1e-6, torch.randn(3, 8, dtype=torch.float16)),
-     "residual must match x"),
-    (lambda: rms_norm(torch.randn(3, 8), torch.randn(8), 1e-6, torch.randn(4, 8)), "residual must match x"),
+    (lambda: rms_norm(torch.randn(3, 8), torch.randn(8), 1e-6, torch.arange(24).view(3, 8)),
+     r"residual must be a floating-point tensor of x's shape \(3, 8\)"),
+    (lambda: rms_norm(torch.randn(3, 8), torch.randn(8), 1e-6, torch.randn(4, 8)),
+     r"residual must be a floating-point tensor of x's shape \(3, 8\)"),
     (lambda: rms_norm(torch.randn(3, 8), torch.randn(8), -1.0), "eps must be a positive"),
     (lambda: rms_norm(torch.arange(8), torch.randn(8)), "floating-point"),
 ])

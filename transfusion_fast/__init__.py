@@ -4,6 +4,12 @@ Packed sequences of text tokens (causal) and continuous spans (bidirectional ins
 :class:`Layout` describes the mask in O(T), :mod:`transfusion_fast.ops` holds the ops, and the
 backend switch (:func:`set_backend`) picks Triton, the compiled C++ kernels or the reference path.
 """
+import torch as _torch
+
+from ._compat import check_torch as _check_torch
+
+_check_torch(_torch.__version__)  # before anything that touches the extension or Triton
+
 from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .layout import Layout, TileTable

@@ -111,6 +111,8 @@ class ModelConfig:
     cfg_drop_prob: float = 0.1         # pack drops the text before a sample's first span this often
     max_seq_len: int = 2048
     time_freq_dim: int = 256           # sinusoidal features of the timestep embedding
+    # Training-time memory settings (they change no result: gradients equal the plain run).
+    activation_checkpointing: bool = False  # each block recomputes its activations in the backward
 
     def __post_init__(self):
         if not isinstance(self.modalities, (tuple, list)):
@@ -137,6 +139,7 @@ class ModelConfig:
         if self.ffn_hidden_size is not None:
             positive_int("ffn_hidden_size")
         check_bool("ModelConfig.qkv_bias", self.qkv_bias)
+        check_bool("ModelConfig.activation_checkpointing", self.activation_checkpointing)
         _require(self.n_heads % self.n_kv_heads == 0,
                  f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                  f"({self.n_kv_heads}) for grouped-query attention")

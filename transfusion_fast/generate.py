@@ -132,9 +132,11 @@ class _Forward:
         self.tokens = torch.cat([t for t, _ in chunks]).to(device)
         self.positions = torch.cat(positions).to(device=device, dtype=torch.int32)
         self.axial = torch.cat(axial).to(device) if config.span_positions == "axial" else None
-        cu = torch.tensor(starts, dtype=torch.int64, device=device)
-        spans_t = torch.tensor(spans_abs, dtype=torch.int64, device=device).reshape(-1, 2)
-        self.layout = Layout.decode(cu, torch.tensor(q_lens, device=device), spans_t)
+        # Built on the host and shipped with its tile tables in one copy (Layout.to).
+        layout = Layout.decode(torch.tensor(starts, dtype=torch.int64), torch.tensor(q_lens),
+                               torch.tensor(spans_abs, dtype=torch.int64).reshape(-1, 2))
+        self.layout = layout if torch.device(device).type == "cpu" else layout.to(
+            device, tile_sizes=ops.attention_tile_sizes(device, config.head_dim))
         self.rows = {name: torch.cat(r).to(device) for name, r in rows.items()}
         self.last_rows = self.layout.q_cu_seqlens[1:].long() - 1
 

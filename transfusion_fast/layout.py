@@ -105,6 +105,13 @@ def _longest_first(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return torch.argsort(hi - lo, descending=True, stable=True).to(torch.int32)
 
 
+#: the tensors of a Layout and of a TileTable, in the order Layout.to packs them
+_VECTORS = ("cu_seqlens", "q_cu_seqlens", "spans", "q_positions", "positions", "kv_start", "kv_end",
+            "q_start", "q_end")
+_TABLE_TENSORS = ("kv_lo", "kv_hi", "kv_full_lo", "kv_full_hi", "q_lo", "q_hi", "q_full_lo", "q_full_hi",
+                  "m_order", "n_order")
+
+
 class Layout:
     """The mask of a packed batch as O(T) interval vectors; see the module docstring.
 
@@ -154,8 +161,6 @@ class Layout:
         self.q_cu_seqlens = q_cu.to(torch.int32)
         self.spans = spans.to(torch.int32)
         self.is_bidirectional = bidirectional
-        self.num_keys = total
-        self.num_queries = int(q_cu[-1])
         self.max_seqlen = int(doc_len.max())
         #: absolute key index of each query row (== arange for prefill)
         self.q_positions = q_pos.to(torch.int32)
@@ -201,14 +206,55 @@ class Layout:
     def num_docs(self) -> int:
         return self.cu_seqlens.numel() - 1
 
-    def to(self, device) -> "Layout":
-        """The same layout on another device (tile tables are rebuilt lazily there)."""
-        q_lens = None
-        if self.num_queries != self.num_keys or not torch.equal(
-                self.q_positions, torch.arange(self.num_keys, device=self.device, dtype=torch.int32)):
-            q_lens = (self.q_cu_seqlens[1:] - self.q_cu_seqlens[:-1]).to(device)
-        return Layout(self.cu_seqlens.to(device), self.spans.to(device),
-                      bidirectional=self.is_bidirectional, q_lens=q_lens)
+    # The counts are read off the tensors' lengths rather than stored as ints: under torch.compile
+    # a length is a symbolic size of a graph input, where a stored int would be a constant that
+    # every new batch length recompiles.
+    @property
+    def num_keys(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.q_positions.shape[0]
+
+    def to(self, device, *, tile_sizes=()) -> "Layout":
+        """The same layout on ``device``, with its tile tables, in one copy.
+
+        The tile tables of ``tile_sizes`` (``(block_m, block_n)`` pairs) are computed here, where
+        the layout lives (the host, for a layout from :func:`~transfusion_fast.pack`); then every
+        interval vector and every cached table goes into one int32 buffer (pinned when the target
+        is a GPU), which one copy sends to ``device``, where the layout's tensors are views of it.
+        The device thus runs one copy, whatever the number of documents, spans and tables,
+        instead of rebuilding the layout and its tables with dozens of small kernels and host
+        syncs. Always returns a new Layout (sharing no memory with this one).
+        """
+        for pair in tile_sizes:
+            self.tile_table(*pair)
+        device = torch.device(device)
+        vectors = [getattr(self, name) for name in _VECTORS]
+        tables = list(self._tables.values())
+        parts = self.tensors()
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        pinned = device.type == "cuda" and flat.device.type == "cpu"
+        if pinned:   # an asynchronous copy: the host goes on packing the next batch
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=pinned)
+        views = iter(flat.split([t.numel() for t in parts]))
+        out = Layout.__new__(Layout)
+        for name, src in zip(_VECTORS, vectors):
+            setattr(out, name, next(views).view(src.shape))
+        out.is_bidirectional, out.max_seqlen = self.is_bidirectional, self.max_seqlen
+        out._tables = {}
+        for table in tables:
+            out._tables[(table.block_m, table.block_n)] = TileTable(
+                table.block_m, table.block_n, table.num_m_tiles, table.num_n_tiles,
+                *(next(views) for _ in _TABLE_TENSORS))
+        return out
+
+    def tensors(self) -> list:
+        """Every tensor of the layout: the interval vectors, then each cached tile table's."""
+        return ([getattr(self, name) for name in _VECTORS]
+                + [getattr(t, name) for t in self._tables.values() for name in _TABLE_TENSORS])
 
     def visible_elements(self) -> int:
         """Number of (query, key) pairs that attend: the work of exact attention."""

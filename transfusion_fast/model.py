@@ -34,6 +34,10 @@ Public API (stable)::
   with fresh modality heads; ``Model.text_logits(ids)``: next-token logits of text-only input.
 * ``Model.embed`` / ``Model.forward_hidden`` / ``Model.decode_spans``: the pieces the generator
   reuses with a KV cache.
+* Mixed precision: run ``model(batch)`` under ``torch.autocast`` (bf16, or fp16 with a GradScaler)
+  with fp32 parameters; the residual stream, norms' statistics, modality heads and losses stay fp32.
+  ``ModelConfig.activation_checkpointing``: per-block recomputation in the backward.
+  ``torch.compile(model, fullgraph=True)`` traces the whole training forward (docs/training_at_scale.md).
 * Distributed: wrap in DDP, or ``fully_shard`` each of ``model.layers`` then the model (FSDP2).
   Modality heads absent from a rank's batch join its loss with weight 0, so every rank uses
   every parameter.
@@ -47,6 +51,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import hf_weights, ops
 from .config import IGNORE_INDEX, ModalityConfig, ModelConfig
@@ -150,6 +155,14 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def full_precision(like: torch.Tensor):
+    """Autocast switched off for the block: the modality heads (timestep embedding, patch encoder
+    and decoder) run in the parameters' dtype. They hold a negligible share of the FLOPs, and
+    they carry what the diffusion loss is most sensitive to: the noised patches in, the predicted
+    noise out, and the timestep features (``docs/training_at_scale.md``)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int, freq_dim: int):
         super().__init__()
@@ -180,10 +193,18 @@ class ModalityHead(nn.Module):
             nn.init.zeros_(self.decoder.bias)
 
     def encode(self, x_t: torch.Tensor, t: torch.Tensor):
-        """x_t (N, P), t (N,) → embeddings (N, dim) and the block conditioning (N, dim) or None."""
-        if self.patch_add:
-            return self.encoder(x_t + self.time(t)), None
-        return self.encoder(x_t), self.time(t)
+        """x_t (N, P), t (N,) → embeddings (N, dim) and the block conditioning (N, dim) or None,
+        in the parameters' dtype (outside autocast: see :func:`full_precision`)."""
+        with full_precision(x_t):
+            x_t = x_t.to(self.encoder.weight.dtype)
+            if self.patch_add:
+                return self.encoder(x_t + self.time(t)), None
+            return self.encoder(x_t), self.time(t)
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Span rows of the final hidden state (N, dim) → the diffusion prediction (N, P)."""
+        with full_precision(h):
+            return self.decoder(h.to(self.decoder.weight.dtype))
 
 
 # ------------------------------------------------------------------------------------- model
@@ -219,19 +240,28 @@ class Model(nn.Module):
         cond = torch.zeros_like(h) if adaln else None
         is_span = torch.zeros(tokens.shape[0], 1, dtype=h.dtype, device=h.device) if adaln else None
         for name, (rows, x_t, t) in spans.items():
-            enc, c = self.heads[name].encode(x_t.to(h.dtype), t)     # (N, dim)
-            h = h.index_copy(0, rows, enc)
+            enc, c = self.heads[name].encode(x_t, t)                  # (N, dim)
+            h = h.index_copy(0, rows, enc.to(h.dtype))
             if adaln:
-                cond = cond.index_copy(0, rows, c)
+                cond = cond.index_copy(0, rows, c.to(h.dtype))
                 is_span = is_span.index_fill(0, rows, 1.0)
         return h, cond, is_span
 
     def forward_hidden(self, h: torch.Tensor, positions: torch.Tensor, axial: torch.Tensor | None,
                        layout: Layout, cond: torch.Tensor | None = None,
                        span_rows: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
-        """The blocks and the final norm: h (T, dim) → (T, dim). ``kv_cache`` for generation."""
+        """The blocks and the final norm: h (T, dim) → (T, dim). ``kv_cache`` for generation.
+
+        With ``config.activation_checkpointing`` (in training mode, with grad enabled) each block
+        keeps only its input for the backward and recomputes its activations there.
+        """
+        checkpointing = (self.config.activation_checkpointing and self.training and kv_cache is None
+                         and torch.is_grad_enabled())
         for block in self.layers:
-            h = block(h, positions, axial, layout, cond, span_rows, kv_cache)
+            if checkpointing:
+                h = checkpoint(block, h, positions, axial, layout, cond, span_rows, use_reentrant=False)
+            else:
+                h = block(h, positions, axial, layout, cond, span_rows, kv_cache)
         h = self.norm(h)
         if self.final_adaln is not None:
             shift, scale = (self.final_adaln(F.silu(cond)) * span_rows).chunk(2, dim=-1)
@@ -240,7 +270,7 @@ class Model(nn.Module):
 
     def decode_spans(self, h: torch.Tensor, name: str, rows: torch.Tensor) -> torch.Tensor:
         """The diffusion prediction (ε, v or x0 per config) of span rows: (N, P)."""
-        return self.heads[name].decoder(h[rows])
+        return self.heads[name].decode(h[rows])
 
     # ------------------------------------------------------------------ training
     def forward(self, batch) -> dict:
@@ -258,8 +288,11 @@ class Model(nn.Module):
 
         loss_rows = batch.loss_rows                                    # (M,) rows with a target
         if loss_rows.numel():
-            logits = self.output(h[loss_rows]).float()                 # (M, vocab)
-            lm_loss = F.cross_entropy(logits, batch.targets[loss_rows])
+            # The LM head and its cross-entropy fused, chunk by chunk of rows: the (M, vocab)
+            # logits never exist (ops.linear_cross_entropy; under autocast its matmuls run in the
+            # autocast dtype, the softmax and the loss in fp32).
+            lm_loss = ops.linear_cross_entropy(h[loss_rows], self.output.weight, batch.targets[loss_rows],
+                                               ignore_index=IGNORE_INDEX)
         else:
             lm_loss = self.output(h[:1]).float().sum() * 0.0
 

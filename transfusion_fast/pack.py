@@ -8,6 +8,7 @@ noised at its own timestep, and the documents are concatenated (``cu_seqlens``) 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -64,13 +65,42 @@ class Batch:
         return int(self.tokens.numel())
 
     def to(self, device) -> "Batch":
-        """The same batch on ``device`` (layout included)."""
-        return Batch(self.tokens.to(device), self.positions.to(device),
-                     None if self.axial is None else self.axial.to(device), self.layout.to(device),
-                     self.targets.to(device), self.loss_rows.to(device),
-                     {k: v.to(device) for k, v in self.spans.items()}, self.span_sizes.to(device),
-                     self.span_timesteps.to(device), list(self.span_shapes), list(self.sample_lengths),
-                     self.config)
+        """The same batch on ``device``; the layout goes with its attention tile tables for
+        ``device`` (built here, on the host: :meth:`Layout.to`)."""
+        tile_sizes = () if self.config is None else ops.attention_tile_sizes(device, self.config.head_dim)
+        batch = Batch(self.tokens.to(device), self.positions.to(device),
+                      None if self.axial is None else self.axial.to(device),
+                      self.layout.to(device, tile_sizes=tile_sizes),
+                      self.targets.to(device), self.loss_rows.to(device),
+                      {k: v.to(device) for k, v in self.spans.items()}, self.span_sizes.to(device),
+                      self.span_timesteps.to(device), list(self.span_shapes), list(self.sample_lengths),
+                      self.config)
+        return batch.mark_dynamic() if "torch._dynamo" in sys.modules else batch
+
+    def tensors(self) -> list:
+        """Every tensor of the batch, its layout's and the layout's cached tile tables included."""
+        found = [self.tokens, self.positions, self.targets, self.loss_rows, self.span_sizes,
+                 self.span_timesteps, *([] if self.axial is None else [self.axial])]
+        for s in self.spans.values():
+            found += [s.rows, s.x0, s.x_t, s.noise, s.timesteps, s.span_index]
+        return found + self.layout.tensors()
+
+    def mark_dynamic(self) -> "Batch":
+        """Mark the leading dim of every tensor as dynamic for ``torch.compile`` (returns self).
+
+        Every length in a batch (tokens, loss rows, span rows, spans, documents, tiles) changes
+        from one batch to the next; marked, a compiled model traces them symbolically the first
+        time instead of specializing on the first batch and recompiling on the second. Sizes 0
+        and 1 are still specialized by torch.compile (one more compilation when such a size
+        first changes). :func:`pack` and :meth:`to` call this once ``torch._dynamo`` is loaded
+        (that is, once ``torch.compile`` has been used in the process): importing it only for
+        this would add seconds to every eager program.
+        """
+        from torch._dynamo import maybe_mark_dynamic
+        for t in self.tensors():
+            if t.dim():
+                maybe_mark_dynamic(t, 0)
+        return self
 
 
 #: The ModelConfig fields that decide what a packed batch holds (token ids, the span rows of each
@@ -379,4 +409,8 @@ def pack(samples, config: ModelConfig, *, seed: int = 0, device=None, add_bos: b
     batch = Batch(tokens, positions, axial, layout, targets, torch.nonzero(has_target).flatten(),
                   spans, torch.tensor(span_sizes, dtype=torch.float32),
                   torch.tensor(span_t, dtype=torch.int64), span_shapes, lengths, config)
-    return batch if device is None or torch.device(device).type == "cpu" else batch.to(device)
+    if device is not None and torch.device(device).type != "cpu":
+        return batch.to(device)
+    for pair in ops.attention_tile_sizes("cpu", config.head_dim):
+        layout.tile_table(*pair)
+    return batch.mark_dynamic() if "torch._dynamo" in sys.modules else batch

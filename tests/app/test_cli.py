@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from transfusion_fast.app.cli import main
 from transfusion_fast.checkpoint import load_checkpoint
@@ -106,3 +107,15 @@ def test_module_entry_point_help():
     assert result.returncode == 0
     for command in ("train", "sample", "eval", "demo"):
         assert command in result.stdout
+
+
+def test_train_with_bf16_precision_keeps_fp32_parameters(tmp_path):
+    out = str(tmp_path / "bf16")
+    main(["train", "--out", out, "--steps", "2", "--precision", "bf16", *TINY])
+    model, info = load_checkpoint(os.path.join(out, "checkpoint.safetensors"))
+    assert info["extra"]["train"]["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    summary = json.load(open(os.path.join(out, "train_summary.json")))
+    assert np.isfinite(summary["final_loss"])
+    with pytest.raises(SystemExit):      # argparse names the choices
+        main(["train", "--out", out, "--precision", "fp8", *TINY])

@@ -7,9 +7,12 @@
 * ``eval``: the metrics of those samples → ``metrics.json`` (and ``pca.png`` for series).
 * ``demo``: train + sample + eval with the defaults of the task, then print the metrics.
 
-``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`. A failure
-on the input prints one line naming the option or the file and exits with status 2 (``--debug`` or
-``TRANSFUSION_FAST_DEBUG=1`` shows the traceback instead). Every option left out takes the task's preset (:mod:`transfusion_fast.app.presets`, the registry that
+``--backend auto | triton | reference`` goes through :func:`transfusion_fast.set_backend`;
+``--precision fp32 | bf16 | fp16`` runs training and sampling under ``torch.autocast`` (fp32
+parameters; :func:`transfusion_fast.app.trainer.autocast`). A failure on the input prints one line
+naming the option or the file and exits with status 2 (``--debug`` or ``TRANSFUSION_FAST_DEBUG=1``
+shows the traceback instead). Every
+option left out takes the task's preset (:mod:`transfusion_fast.app.presets`, the registry that
 ``make demo`` runs with too).
 
 The main-job commands (figures in the README)::
@@ -35,7 +38,7 @@ from ..checkpoint import load_checkpoint
 from ..checks import MAX_SIZE
 from .presets import TASKS, preset
 from .tasks import DigitsTask, SeriesTask, make_task, task_from_checkpoint
-from .trainer import CHECKPOINT_NAME, MAX_TRAIN_SEED, train
+from .trainer import CHECKPOINT_NAME, MAX_TRAIN_SEED, PRECISIONS, autocast, train
 
 __all__ = ["main", "build_parser"]
 
@@ -81,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--heads", type=int, default=None)
         p.add_argument("--checkpoint-every", type=int, default=None)
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        precision(p)
+
+    def precision(p):
+        p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                       help="fp32, or bf16 / fp16 under torch.autocast with fp32 parameters")
 
     def sampling(p):
         p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per span")
@@ -95,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sample", help="sample from the checkpoint in --out")
     common(p, False)
     sampling(p)
+    precision(p)
     p = commands.add_parser("eval", help="evaluate the samples in --out, write metrics.json")
     common(p, False)
     p.add_argument("--metric-iterations", type=int, default=None,
@@ -190,7 +199,8 @@ def cmd_train(args) -> dict:
     model, history = train(task, args.out, steps=steps, batch_size=_setting(args, "batch_size", task.name),
                            lr=_setting(args, "lr", task.name), model_config=config, device=args.device,
                            checkpoint_every=_setting(args, "checkpoint_every", task.name),
-                           resume=args.resume, progress=not args.no_progress, seed=args.seed)
+                           resume=args.resume, progress=not args.no_progress, seed=args.seed,
+                           precision=args.precision)
     summary = {"task": task.name, "steps": steps,
                "parameters": model.num_parameters(), "train_seconds": time.perf_counter() - t0,
                "tokens_per_second": history["tokens_per_second"],
@@ -218,7 +228,8 @@ def cmd_sample(args) -> dict:
         kwargs.update(per_digit=_setting(args, "per_digit", task.name),
                       cfg_scale=_setting(args, "cfg_scale", task.name),
                       held_out=args.held_out)
-    result = task.sample(model, args.out, **kwargs)
+    with autocast(args.device, args.precision):
+        result = task.sample(model, args.out, **kwargs)
     print(f"sampled into {args.out}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in result.items()))
     return result

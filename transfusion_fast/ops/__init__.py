@@ -1,5 +1,5 @@
 """The public ops. Each validates its inputs, then runs the implementation the backend switch picks."""
-from .attention import attention, attention_reference
+from .attention import attention, attention_reference, attention_tile_sizes
 from .flow import (flow_inference_timesteps, flow_interpolate, flow_interpolate_reference, flow_target,
                    sample_flow_timesteps, shift_timesteps)
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -13,7 +13,7 @@ from .rms_norm import rms_norm, rms_norm_reference
 from .rope import apply_rope, apply_rope_reference
 from .swiglu import swiglu, swiglu_fused, swiglu_reference
 
-__all__ = ["attention", "attention_reference", "add_noise", "add_noise_reference", "patchify",
+__all__ = ["attention", "attention_reference", "attention_tile_sizes", "add_noise", "add_noise_reference", "patchify",
            "patchify_reference", "unpatchify", "unpatchify_reference", "rms_norm",
            "rms_norm_reference", "apply_rope", "apply_rope_reference", "swiglu", "swiglu_fused",
            "swiglu_reference", "diffusion_target", "predicted_x0", "predicted_eps", "philox_normal_reference",

@@ -12,11 +12,12 @@ import torch
 
 from .. import backend as _backend
 from ..checks import check_bool, check_float
-from ..kernels.attention_tiles import SUPPORTED_HEAD_DIMS
+from ..kernels.attention_tiles import SUPPORTED_HEAD_DIMS, tile_config
 from ..layout import Layout
-from ._cpu_attention import cpu_attention
+from ._cpu_attention import BACKWARD_BLOCKS, FORWARD_BLOCKS, cpu_attention
 
-__all__ = ["attention", "attention_reference", "check_attention_inputs", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention", "attention_reference", "check_attention_inputs", "attention_tile_sizes",
+           "SUPPORTED_HEAD_DIMS"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,6 +63,30 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     if scale is None:
         return 1.0 / math.sqrt(d)
     return check_float("scale", scale, 0.0, low_open=True)
+
+
+def attention_tile_sizes(device, head_dim: int) -> tuple[tuple[int, int], ...]:
+    """The ``(block_m, block_n)`` tile tables :func:`attention` reads from a Layout on ``device``
+    under the ``auto`` backend: the CPU kernels' two, or on a GPU the Triton forward / dK-dV / dQ
+    tilings of ``head_dim`` for fp32 and for 16-bit inputs (the device's generation).
+
+    Building these tables where the layout is made (``Layout.to(device, tile_sizes=...)``, which
+    :func:`~transfusion_fast.pack` does) keeps their construction off the device and out of a
+    compiled model's graph.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return (FORWARD_BLOCKS, BACKWARD_BLOCKS)
+    if device.type != "cuda":
+        return ()
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim!r}")
+    arch = 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    sizes = []
+    for dtype in (torch.float32, torch.bfloat16):
+        c = tile_config(head_dim, dtype, arch)
+        sizes += [(c.fwd_block_m, c.fwd_block_n), (c.dkdv_block_m, c.dkdv_block_n), (c.dq_block_m, c.dq_block_n)]
+    return tuple(dict.fromkeys(sizes))
 
 
 def _documents(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens):
@@ -237,6 +262,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
     return_lse = check_bool("return_lse", return_lse)
     impl = _backend.resolve(q, "attention")
     if impl == "triton":
+        if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+            raise ValueError("attention: backend 'triton' runs bf16 on a GPU only; under TRITON_INTERPRET=1 "
+                             "(CPU tensors) tl.dot on bf16 inputs gives wrong results. Got bf16 q on "
+                             f"{q.device}: use float16/float32 inputs (autocast dtype=torch.float16) or "
+                             "the 'auto' backend")
         # Imported on first use, not at the top: the Triton path loads torch._dynamo (for its
         # torch.compile support), which would add seconds to `import transfusion_fast` on machines
         # that only ever run the CPU kernels. It is a downward import (ops <- kernels): no cycle.

@@ -41,7 +41,9 @@ def check_timesteps(name: str, timesteps, rows: int, device, schedule: Schedule,
     if timesteps.device != torch.device(device):
         raise ValueError(f"{name} is on {timesteps.device} but the data is on {device}")
     low = -1 if allow_final else 0
-    if timesteps.numel():
+    # Inside a torch.compile graph the range scan would be a graph break and a device sync per
+    # call; the values were checked where they were made (pack, the samplers' schedules).
+    if timesteps.numel() and not torch.compiler.is_compiling():
         lo, hi = int(timesteps.min()), int(timesteps.max())
         if lo < low or hi >= schedule.num_steps:
             raise ValueError(f"{name} must lie in [{low}, {schedule.num_steps}), got values from {lo} to {hi}")
