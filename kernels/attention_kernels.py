@@ -41,30 +41,6 @@ def _store_work(WORK, slot, masked_tiles, unmasked_tiles):
 
 
 @triton.jit
-def _visible_dot(acc, a, b, visible, offs_k, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc + a @ b`` summed over the visible pairs only, for a partial tile: ``a`` (M, K) is 0
-    where ``visible`` (M, K) is false, ``b`` is (K, N).
-
-    One ``tl.dot`` when ``b`` is finite (always, for finite data; the check costs O(K·N) against the
-    dot's O(M·K·N)). Otherwise the products are summed one k at a time, each kept only where it is
-    visible: in a dot, ``0 · NaN = NaN`` would carry a NaN or an infinity of ``b`` into the rows that
-    do not see it, across documents where a tile holds two."""
-    if tl.min(tl.min(((b - b) == 0).to(tl.int32), 1), 0) == 1:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    else:
-        a32 = a.to(tl.float32)
-        b32 = b.to(tl.float32)
-        seen_ab = visible.to(tl.int32)
-        for kk in range(BLOCK_K):
-            column = offs_k[None, :] == kk
-            a_k = tl.sum(tl.where(column, a32, 0.0), 1)
-            seen = tl.max(tl.where(column, seen_ab, 0), 1) > 0
-            b_k = tl.sum(tl.where(offs_k[:, None] == kk, b32, 0.0), 0)
-            acc += tl.where(seen[:, None], a_k[:, None] * b_k[None, :], 0.0)
-    return acc
-
-
-@triton.jit
 def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt,
                    kv_start, kv_end, offs_n, offs_d, tile_lo, tile_hi, n_keys, qk_scale_log2,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -98,19 +74,17 @@ def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt
         if MASKED:
             visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-        # -- online softmax: a row with nothing visible yet (or only -inf scores) keeps m = -inf;
-        #    shift it by 0 instead. A NaN score makes m NaN; a +inf one gives exp2(inf - inf) = NaN.
-        m_new = tl.maximum(m_i, tl.max(qk, 1), propagate_nan=tl.PropagateNan.ALL)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # -- online softmax: a row with nothing visible yet keeps m = -inf; shift it by 0 instead
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_shift = m_new
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        # -- P (rounded to the input dtype, as in FlashAttention) times V; in a partial tile only
-        #    the visible pairs (a NaN / inf of V must not reach the rows that do not see it)
-        if MASKED:
-            acc = _visible_dot(acc * alpha[:, None], p.to(v.dtype), v, visible, offs_n, BLOCK_N, DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        # -- P (rounded to the input dtype, as in FlashAttention) times V
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
         if COUNT_WORK:
             count += 1
@@ -171,10 +145,10 @@ def attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FUL
         offs_d, full_hi, kv_hi, n_keys, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
         DOT_PRECISION, COUNT_WORK)
 
-    # -- normalise; lse back to the natural-log domain. Every stored row sees a key: l == 0 only
-    #    when all its scores are -inf, where o = 0/0 = NaN and lse = -inf (padding rows: not stored).
-    o = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    # -- normalise; lse back to the natural-log domain
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
     tl.store(O + first_row * stride_ot + head * stride_oh
              + (offs_m[:, None] * stride_ot + offs_d[None, :]),
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -220,21 +194,16 @@ def _dkdv_tile_walk(dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, 
         # -- P^T (N, M) recomputed from the saved lse
         qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
         pt = tl.math.exp2(qkt - (lse * 1.4426950408889634)[None, :])
-        # -- dV += P^T dO ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q (scale applied at the end);
-        #    in a partial tile only the visible pairs (the products' hidden entries are exact zeros)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if MASKED:
             kv_start = tl.load(KV_START + rows, mask=row_ok, other=0)
             kv_end = tl.load(KV_END + rows, mask=row_ok, other=0)
             visible = (cols[:, None] >= kv_start[None, :]) & (cols[:, None] < kv_end[None, :])
             pt = tl.where(visible, pt, 0.0)
-            dst = tl.where(visible, pt * (dpt - delta[None, :]), 0.0)
-            dv = _visible_dot(dv, pt.to(do.dtype), do, visible, offs_m, BLOCK_M, DOT_PRECISION)
-            dk = _visible_dot(dk, dst.to(q.dtype), q, visible, offs_m, BLOCK_M, DOT_PRECISION)
-        else:
-            dst = pt * (dpt - delta[None, :])
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+        # -- dV += P^T dO ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q (scale applied at the end)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
         if COUNT_WORK:
             count += 1
     return dk, dv, count
@@ -338,16 +307,13 @@ def _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, strid
         # -- P recomputed from the saved lse
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
         p = tl.math.exp2(qk - lse[:, None])
-        # -- dS = P * (dP - delta) ; dQ += dS K (scale applied at the end); in a partial tile only
-        #    the visible pairs
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         if MASKED:
             visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
-            ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
-            dq = _visible_dot(dq, ds.to(kt.dtype), tl.trans(kt), visible, offs_n, BLOCK_N, DOT_PRECISION)
-        else:
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+            p = tl.where(visible, p, 0.0)
+        # -- dS = P * (dP - delta) ; dQ += dS K (scale applied at the end)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
         if COUNT_WORK:
             count += 1
     return dq, count

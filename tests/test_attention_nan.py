@@ -4,9 +4,8 @@ docs/nan_semantics.md): IEEE arithmetic over the visible pairs only.
 A NaN in q, k or v, or a +inf score, reaches exactly the outputs and gradients whose formula
 contains it over the pairs (row, key) the layout makes visible: never a row that does not see the
 key, never another document, also not a short document that shares a tile with it. The reference
-backend (its explicit forward and backward), the compiled CPU kernels on every ISA path this CPU
-runs, and the Triton kernels (interpreter on CPU, fp32/fp16) must give the same elementwise pattern
-of non-finite values in o, lse, dq, dk and dv, and the same finite values elsewhere. The issue's
+backend (its explicit forward and backward) and the compiled CPU kernels on every ISA path this CPU
+runs must give the same elementwise pattern of non-finite values in o, lse, dq, dk and dv, and the same finite values elsewhere. The issue's
 reproductions are also checked against their expected pattern, written out by hand.
 """
 from __future__ import annotations
@@ -15,11 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# numpy (the Triton interpreter) warns on every NaN it computes: here they are the point.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 from transfusion_fast import Layout, backend, ops
-from transfusion_fast.kernels.attention import forced_tile_sizes, triton_attention
 from transfusion_fast.ops._cpu_attention import available_cpu_isas, use_cpu_isa
 
 NAN, INF = float("nan"), float("inf")
@@ -41,12 +37,10 @@ def _cpu(isa):
     return run
 
 
-def _triton(q, k, v, layout, scale):
-    with forced_tile_sizes(16, 16):      # tiny layouts still span full, partial and ragged tiles
-        return triton_attention(q, k, v, layout, scale)
-
-
-BACKENDS = {f"cpu-{isa}": _cpu(isa) for isa in available_cpu_isas()} | {"triton": _triton}
+# The Triton kernels are not here yet: their exact partial-tile path raised register pressure past
+# the zero-spill bound (tests/test_attention_triton_aot.py, d256 fp16 on sm_80), so it was taken
+# out; docs/nan_semantics.md says what Triton does today.
+BACKENDS = {f"cpu-{isa}": _cpu(isa) for isa in available_cpu_isas()}
 
 
 def _run(fn, layout, q, k, v, dtype):
