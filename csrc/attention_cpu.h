@@ -55,7 +55,8 @@ TF_INLINE int64_t clamp_to(int64_t x, int64_t lo, int64_t hi) { return x < lo ? 
 // ulp; torch's own CPU flash attention takes an exp of up to 20 ulp); degree 7 bought no accuracy
 // the tests can see and cost time on every score. The vector versions (AVX-512, AVX2) use the same
 // coefficients. Written without branches so that the loops calling it vectorize; exp(-inf) and
-// underflow give 0.
+// underflow give 0, and a NaN argument gives NaN (a NaN score must reach its row: see the NaN /
+// infinity semantics in transfusion_fast/ops/attention.py).
 constexpr float kExpC5 = 1.327647152e-03f, kExpC4 = 9.675541331e-03f, kExpC3 = 5.550713275e-02f,
                 kExpC2 = 2.402211972e-01f, kExpC1 = 6.931469671e-01f, kExpC0 = 1.000000072e+00f;
 constexpr float kLog2e = 1.44269504088896341f;
@@ -75,7 +76,8 @@ TF_INLINE float exp_approx(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   __builtin_memcpy(&two_n, &bits, sizeof(two_n));
-  return x < kExpUnderflow ? 0.0f : p * two_n;
+  // NaN: the clamp above made t = -126, a harmless exponent; the select puts the NaN back.
+  return x < kExpUnderflow ? 0.0f : (x == x ? p * two_n : x);
 }
 TF_INLINE double exp_approx(double x) { return std::exp(x); }
 
@@ -90,6 +92,49 @@ TF_INLINE void visible_cols(const int32_t* kv_start, const int32_t* kv_end, int6
   }
   lo = clamp_to(kv_start[row] - col0, 0, cols);
   hi = clamp_to(kv_end[row] - col0, lo, cols);
+}
+
+// ------------------------------------------------------------------------- non-finite inputs
+// The early exit of a softmax row whose maximum came out -inf (nothing visible in the block, or
+// only -inf scores): the vector max reductions drop a NaN, so a NaN score may hide there; it still
+// has to make the row NaN (every other row gets it from exp(NaN - m) = NaN in the exp pass).
+template <typename T>
+TF_INLINE void nan_reaches_row(const T* s, int64_t lo, int64_t hi, T* row_sum) {
+  bool nan = false;
+  for (int64_t j = lo; j < hi; ++j) nan |= s[j] != s[j];
+  if (nan) *row_sum = std::numeric_limits<T>::quiet_NaN();
+}
+
+// A masked block's products hold exact zeros for the pairs (row, key) the mask hides, but a GEMM
+// still adds 0 * NaN = NaN (and 0 * inf) from them, which would put a NaN or an infinity of one key
+// (or of one row) into rows (or keys) that do not see it, across documents even where short
+// documents share a block. So a masked block's product goes to a buffer first: when it is finite
+// (always, for finite inputs) it is added to the accumulator; otherwise the block is redone pair by
+// pair over the visible pairs only (masked_accumulate). The check costs O(m * n) per block against
+// the product's O(m * n * k).
+template <typename T>
+TF_INLINE bool all_finite(const T* x, int64_t n) {
+  T z = 0;   // 0 * x is 0 for finite x, NaN for NaN and infinities
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += x[i] * T(0);
+  return z == T(0);
+}
+
+// C (m x n, column-major, ldc) += the block's product: product(tmp) writes it into tmp (m x n,
+// column-major, ld m); when it is not finite, exact() adds it to C pair by pair instead.
+template <typename T, typename Product, typename Exact>
+void masked_accumulate(int64_t m, int64_t n, T* c, int64_t ldc, T* tmp, const Product& product, const Exact& exact) {
+  product(tmp);
+  if (!all_finite(tmp, m * n)) {
+    exact();
+    return;
+  }
+  for (int64_t col = 0; col < n; ++col) {
+    T* cc = c + col * ldc;
+    const T* tc = tmp + col * m;
+#pragma omp simd
+    for (int64_t r = 0; r < m; ++r) cc[r] += tc[r];
+  }
 }
 
 // ------------------------------------------------------------------------------------ ISA switch

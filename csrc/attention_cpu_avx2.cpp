@@ -101,6 +101,7 @@ TF_AVX2 void softmax_tile_forward(float* S, int64_t ld, int64_t rows, int64_t co
     const float m_old = row_max[i];
     const float m_new = max_of(m_old, reduce_max(_mm256_max_ps(vmax, vmax2)));
     if (m_new == kNegInf) {  // nothing visible in this row yet
+      nan_reaches_row(s, lo, hi, row_sum + i);
       for (int64_t j = 0; j < cols; j += 8) _mm256_storeu_ps(s + j, _mm256_setzero_ps());
       continue;
     }

@@ -71,6 +71,7 @@ TF_AVX512 void softmax_tile_forward(float* S, int64_t ld, int64_t rows, int64_t 
     const float m_old = row_max[i];
     const float m_new = max_of(m_old, _mm512_reduce_max_ps(vmax));
     if (m_new == kNegInf) {  // nothing visible in this row yet
+      nan_reaches_row(s, lo, hi, row_sum + i);
       for (int64_t j = 0; j < cols; j += 16) _mm512_mask_storeu_ps(s + j, lanes(j, 0, cols), _mm512_setzero_ps());
       continue;
     }

@@ -111,7 +111,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   // counts, and a product's panel of up to max_rows such pieces then falls into a few L1 sets.
   const int64_t ld_rows = packed_stride(g.d);
   const int64_t scratch_count = 2 * max_rows * g.bn + 2 * g.bn * g.d + 2 * g.d * ld_t + g.group * max_visited * g.d +
-                                2 * g.group * max_visited * ld_rows + max_keys * ld_rows;
+                                2 * g.group * max_visited * ld_rows + max_keys * ld_rows +
+                                std::max(max_rows, g.bn) * g.d;
   run_tasks<T>(heaviest_first(work), scratch_count, [&](T* scratch) {
     return [=, &g, &bounds](int64_t t) {
       const int64_t hk = t / num_chunks, c = t % num_chunks;
@@ -125,6 +126,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       T* q_rows = dq_rows + g.group * max_visited * g.d;     // (group, max_visited, ld_rows)
       T* do_rows = q_rows + g.group * max_visited * ld_rows;  // (group, max_visited, ld_rows)
       T* k_rows = do_rows + g.group * max_visited * ld_rows;  // (max_keys, ld_rows)
+      T* product = k_rows + max_keys * ld_rows;   // a masked block's product (masked_accumulate)
       const int64_t row0 = rows_lo[c], visited = rows_hi[c] - rows_lo[c];
       for (int64_t i = 0; i < g.group; ++i) std::fill_n(dq_rows + i * max_visited * g.d, visited * g.d, T(0));
       const int64_t k0 = bounds[c] * g.bn, k1 = std::min(bounds[c + 1] * g.bn, g.tk);
@@ -155,10 +157,47 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             probs_and_dscores(isa, w, rows, g.d, scale, kt_t + (ja - k0), vt_t + (ja - k0), ld_t, qt, ld_rows, dot,
                               ld_rows, mask_start ? mask_start + r0 : nullptr, kv_end + r0, ja, lp + h * g.tq + r0,
                               deltap + h * g.tq + r0, P, dS, g.bn);                             // P, dS
-            gemm(isa, kN, kT, g.d, w, rows, T(1), dot, ld_rows, P, g.bn, T(1), dVj, g.d);       // dV += P^T dO
-            gemm(isa, kN, kT, g.d, w, rows, scale, qt, ld_rows, dS, g.bn, T(1), dKj, g.d);      // dK += dS^T Q
-            gemm(isa, kN, kN, g.d, rows, w, scale, kj, ld_rows, dS, g.bn, T(1),
-                 dq_rows + (head_rows + r0) * g.d, g.d);                                        // dQ += dS K
+            T* dQr = dq_rows + (head_rows + r0) * g.d;
+            if (mask_start == nullptr) {
+              gemm(isa, kN, kT, g.d, w, rows, T(1), dot, ld_rows, P, g.bn, T(1), dVj, g.d);     // dV += P^T dO
+              gemm(isa, kN, kT, g.d, w, rows, scale, qt, ld_rows, dS, g.bn, T(1), dKj, g.d);    // dK += dS^T Q
+              gemm(isa, kN, kN, g.d, rows, w, scale, kj, ld_rows, dS, g.bn, T(1), dQr, g.d);    // dQ += dS K
+              continue;
+            }
+            // Masked: products over the visible pairs only (see masked_accumulate). Pair (key j,
+            // row i) of the block is visible when kv_start[r0 + i] <= ja + j < kv_end[r0 + i].
+            const auto visible = [&](int64_t j, int64_t i) {
+              return mask_start[r0 + i] <= ja + j && ja + j < kv_end[r0 + i];
+            };
+            // dX (w keys) += alpha * sum_i W[j, i] * Y[i]: dV with (P, dO), dK with (dS, Q).
+            const auto by_keys = [&](T* dX, const T* W, const T* Y, T alpha) {
+              masked_accumulate(
+                  g.d, w, dX, g.d, product,
+                  [&](T* tmp) { gemm(isa, kN, kT, g.d, w, rows, alpha, Y, ld_rows, W, g.bn, T(0), tmp, g.d); },
+                  [&] {
+                    for (int64_t j = 0; j < w; ++j) {
+                      for (int64_t i = 0; i < rows; ++i) {
+                        if (!visible(j, i)) continue;
+                        const T weight = alpha * W[j + i * g.bn];
+                        for (int64_t e = 0; e < g.d; ++e) dX[j * g.d + e] += weight * Y[i * ld_rows + e];
+                      }
+                    }
+                  });
+            };
+            by_keys(dVj, P, dot, T(1));
+            by_keys(dKj, dS, qt, scale);
+            masked_accumulate(
+                g.d, rows, dQr, g.d, product,
+                [&](T* tmp) { gemm(isa, kN, kN, g.d, rows, w, scale, kj, ld_rows, dS, g.bn, T(0), tmp, g.d); },
+                [&] {
+                  for (int64_t i = 0; i < rows; ++i) {
+                    for (int64_t j = 0; j < w; ++j) {
+                      if (!visible(j, i)) continue;
+                      const T weight = scale * dS[j + i * g.bn];
+                      for (int64_t e = 0; e < g.d; ++e) dQr[i * g.d + e] += weight * kj[j * ld_rows + e];
+                    }
+                  }
+                });
           }
         };
         // The table's query range and its full (mask-free) tiles; rows outside are never read.

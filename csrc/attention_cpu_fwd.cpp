@@ -70,7 +70,7 @@ void forward_kernel(const at::Tensor& q, const T* ktp, int64_t ldkt, const at::T
 
   // A multiple of 16: the vector softmax passes read and write whole vectors of a score row.
   const int64_t max_cols = round_up(std::max<int64_t>(forward_gemm_cols(isa), g.bn), 16);
-  run_tasks<T>(heaviest_first(work), g.bm * (max_cols + g.d + 2), [&](T* scratch) {
+  run_tasks<T>(heaviest_first(work), g.bm * (max_cols + 2 * g.d + 2), [&](T* scratch) {
     return [=, &g](int64_t t) {
       const int64_t h = t / num_m, m = t % num_m, hk = h / g.group;
       const int64_t r0 = m * g.bm, rows = std::min(g.bm, g.tq - r0);
@@ -78,6 +78,7 @@ void forward_kernel(const at::Tensor& q, const T* ktp, int64_t ldkt, const at::T
       T* O = S + g.bm * max_cols;
       T* row_max = O + g.bm * g.d;
       T* row_sum = row_max + g.bm;
+      T* product = row_sum + g.bm;   // a masked block's P V (masked_accumulate)
       std::fill(row_max, row_max + rows, -std::numeric_limits<T>::infinity());
       std::fill(row_sum, row_sum + rows, T(0));
       std::fill(O, O + rows * g.d, T(0));
@@ -93,7 +94,25 @@ void forward_kernel(const at::Tensor& q, const T* ktp, int64_t ldkt, const at::T
           softmax_fwd(isa, S, max_cols, n, cols, mask_start ? mask_start + a : nullptr, kv_end + a, c0,
                       row_max + i0, row_sum + i0, O + i0 * g.d, g.d);
           // O += P V, i.e. column-major O^T += V^T P^T.
-          gemm(isa, kN, kN, g.d, n, cols, T(1), vh + c0 * sv0, sv0, S, max_cols, T(1), O + i0 * g.d, g.d);
+          if (mask_start == nullptr) {
+            gemm(isa, kN, kN, g.d, n, cols, T(1), vh + c0 * sv0, sv0, S, max_cols, T(1), O + i0 * g.d, g.d);
+            continue;
+          }
+          masked_accumulate(
+              g.d, n, O + i0 * g.d, g.d, product,
+              [&](T* tmp) { gemm(isa, kN, kN, g.d, n, cols, T(1), vh + c0 * sv0, sv0, S, max_cols, T(0), tmp, g.d); },
+              [&] {   // a NaN or an infinity in V (or P): only the visible pairs
+                for (int64_t i = 0; i < n; ++i) {
+                  int64_t lo, hi;
+                  visible_cols(mask_start + a, kv_end + a, i, c0, cols, lo, hi);
+                  T* o = O + (i0 + i) * g.d;
+                  for (int64_t j = lo; j < hi; ++j) {
+                    const T p = S[i * max_cols + j];
+                    const T* vj = vh + (c0 + j) * sv0;
+                    for (int64_t e = 0; e < g.d; ++e) o[e] += p * vj[e];
+                  }
+                }
+              });
         }
       };
       // The table's key range and its full (mask-free) tiles; keys outside [tile_lo, tile_hi) are
@@ -107,7 +126,8 @@ void forward_kernel(const at::Tensor& q, const T* ktp, int64_t ldkt, const at::T
                      });
       });
       for (int64_t i = 0; i < rows; ++i) {
-        // Every row sees at least its own position, so row_sum > 0.
+        // Every row sees at least one key, so row_sum > 0 unless all its scores are -inf (then
+        // o = 0 * (1 / 0) = NaN and lse = -inf) or one is NaN / +inf (then both are NaN).
         write_output_row(isa, op + ((r0 + i) * g.hq + h) * g.d, O + i * g.d, g.d, T(1) / row_sum[i]);
         lp[h * g.tq + r0 + i] = row_max[i] + std::log(row_sum[i]);
       }

@@ -116,6 +116,7 @@ TF_INLINE void softmax_tile_forward(T* S, int64_t ld, int64_t rows, int64_t cols
     const T m_old = row_max[i];
     const T m_new = max_of(m_old, mx);
     if (m_new == kNegInf) {  // nothing visible in this row yet
+      nan_reaches_row(s, lo, hi, row_sum + i);
 #pragma omp simd
       for (int64_t j = lo; j < hi; ++j) s[j] = T(0);
       continue;

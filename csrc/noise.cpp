@@ -324,10 +324,17 @@ void q_sample_cpu_kernel(const at::Tensor& x0, const at::Tensor& timesteps, cons
                          uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t numel = x0.numel(), row_size = x0.numel() / std::max<int64_t>(x0.size(0), 1);
-  const at::Tensor t64 = timesteps.to(at::kLong);
+  // contiguous(): an int64 view (t[::2]) is not copied by to(kLong), and the loops read t_rows[row].
+  const at::Tensor t64 = timesteps.to(at::kLong).contiguous();
+  const at::Tensor a = sqrt_ab.contiguous(), b = sqrt_1m_ab.contiguous();
   const int64_t* t_rows = t64.const_data_ptr<int64_t>();
-  const double* a_table = sqrt_ab.const_data_ptr<double>();
-  const double* b_table = sqrt_1m_ab.const_data_ptr<double>();
+  const double* a_table = a.const_data_ptr<double>();
+  const double* b_table = b.const_data_ptr<double>();
+  const int64_t steps = a.size(0);
+  for (int64_t r = 0; r < t64.size(0); ++r) {
+    TORCH_CHECK(t_rows[r] >= 0 && t_rows[r] < steps, "q_sample: timesteps[", r, "] must be in [0, ", steps,
+                "), got ", t_rows[r]);
+  }
   const scalar_t* x0_data = x0.const_data_ptr<scalar_t>();
   scalar_t* xt_data = x_t.mutable_data_ptr<scalar_t>();
   scalar_t* noise_data = GenerateNoise ? noise.mutable_data_ptr<scalar_t>() : nullptr;

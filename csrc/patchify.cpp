@@ -21,12 +21,13 @@ namespace transfusion_fast {
 
 PatchGeometry patch_geometry(const at::Tensor& images, int64_t p) {
   TORCH_CHECK(images.dim() == 4, "patchify: images must be (B, C, H, W), got ", images.dim(), " dims");
-  TORCH_CHECK(p > 0, "patchify: patch size p must be positive, got ", p);
+  check_patch_size("patchify", p);
   PatchGeometry g;
   g.B = images.size(0); g.C = images.size(1); g.H = images.size(2); g.W = images.size(3); g.p = p;
   TORCH_CHECK(g.H % p == 0 && g.W % p == 0, "patchify: H and W must be divisible by p=", p,
               ", got H=", g.H, " W=", g.W);
-  g.Hp = g.H / p; g.Wp = g.W / p; g.D = p * p * g.C;
+  g.Hp = g.H / p; g.Wp = g.W / p; g.D = checked_mul("patchify", "p*p*C", p * p, g.C);
+  checked_mul("patchify", "the number of patches", g.B, checked_mul("patchify", "the number of patches", g.Hp, g.Wp));
   g.sb = images.stride(0); g.sc = images.stride(1); g.sh = images.stride(2); g.sw = images.stride(3);
   return g;
 }
@@ -42,7 +43,10 @@ PackedPlan packed_plan(at::TensorList images, int64_t p) {
                     image.size(0) == images[0].size(0),
                 "patchify_packed: images[", i, "] must match images[0] in C, dtype and device");
     plan.geometry.push_back(patch_geometry(image.unsqueeze(0), p));
-    plan.offsets.push_back(plan.offsets.back() + plan.geometry.back().Hp * plan.geometry.back().Wp);
+    int64_t end = 0;
+    TORCH_CHECK(!c10::add_overflows(plan.offsets.back(), plan.geometry.back().Hp * plan.geometry.back().Wp, &end),
+                "patchify_packed: the number of patches overflows int64");
+    plan.offsets.push_back(end);
   }
   plan.D = plan.geometry[0].D;
   return plan;
@@ -50,7 +54,8 @@ PackedPlan packed_plan(at::TensorList images, int64_t p) {
 
 PackedPlan packed_plan(const at::Tensor& patches, int64_t p, at::IntArrayRef heights, at::IntArrayRef widths) {
   TORCH_CHECK(patches.dim() == 2, "unpatchify_packed: patches must be (total_patches, p*p*C), got ", patches.sizes());
-  TORCH_CHECK(p > 0 && patches.size(1) % (p * p) == 0, "unpatchify_packed: last dim ", patches.size(1),
+  check_patch_size("unpatchify_packed", p);
+  TORCH_CHECK(patches.size(1) % (p * p) == 0, "unpatchify_packed: last dim ", patches.size(1),
               " is not a multiple of p*p=", p * p);
   TORCH_CHECK(!heights.empty() && heights.size() == widths.size(),
               "unpatchify_packed: heights and widths must be non-empty lists of one length");
@@ -60,11 +65,17 @@ PackedPlan packed_plan(const at::Tensor& patches, int64_t p, at::IntArrayRef hei
   for (size_t i = 0; i < heights.size(); ++i) {
     TORCH_CHECK(heights[i] > 0 && widths[i] > 0 && heights[i] % p == 0 && widths[i] % p == 0,
                 "unpatchify_packed: image ", i, " size ", heights[i], "x", widths[i], " is not a positive multiple of p=", p);
+    check_side("unpatchify_packed", "height", heights[i]);
+    check_side("unpatchify_packed", "width", widths[i]);
     // Output images are fresh contiguous (C, H, W) tensors.
     PatchGeometry g{1, C, heights[i], widths[i], p, heights[i] / p, widths[i] / p, p * p * C,
-                    C * heights[i] * widths[i], heights[i] * widths[i], widths[i], 1};
+                    checked_mul("unpatchify_packed", "an image's size", C, heights[i] * widths[i]),
+                    heights[i] * widths[i], widths[i], 1};
     plan.geometry.push_back(g);
-    plan.offsets.push_back(plan.offsets.back() + g.Hp * g.Wp);
+    int64_t end = 0;
+    TORCH_CHECK(!c10::add_overflows(plan.offsets.back(), g.Hp * g.Wp, &end),
+                "unpatchify_packed: the number of patches overflows int64");
+    plan.offsets.push_back(end);
   }
   TORCH_CHECK(plan.offsets.back() == patches.size(0), "unpatchify_packed: the image sizes give ", plan.offsets.back(),
               " patches, got ", patches.size(0));

@@ -11,8 +11,28 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/safe_numerics.h>
 
 namespace transfusion_fast {
+
+// Largest patch size and image side, the Python front's bound too (transfusion_fast.checks.MAX_SIZE):
+// with p <= 2^31 - 1, p * p fits int64 and is never 0 (p = 2^32 would wrap it to 0, and the
+// divisibility checks would divide by it). Every later product of sizes is checked for overflow.
+constexpr int64_t kMaxSize = 2147483647;
+
+inline void check_patch_size(const char* op, int64_t p) {
+  TORCH_CHECK(p > 0 && p <= kMaxSize, op, ": patch size p must be positive and at most ", kMaxSize, ", got ", p);
+}
+
+inline void check_side(const char* op, const char* what, int64_t size) {
+  TORCH_CHECK(size >= 0 && size <= kMaxSize, op, ": ", what, " must be in [0, ", kMaxSize, "], got ", size);
+}
+
+inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t b) {
+  int64_t product = 0;
+  TORCH_CHECK(!c10::mul_overflows(a, b, &product), op, ": ", what, " overflows int64 (", a, " x ", b, ")");
+  return product;
+}
 
 struct PatchGeometry {
   int64_t B, C, H, W, p, Hp, Wp, D;   // D = p * p * C
@@ -62,7 +82,12 @@ template <typename Move>
 at::Tensor unpatchify_with(const at::Tensor& patches_in, int64_t p, int64_t height, int64_t width, Move move) {
   TORCH_CHECK(patches_in.dim() == 3, "unpatchify: patches must be (B, N, p*p*C), got ", patches_in.dim(), " dims");
   const int64_t D = patches_in.size(2);
-  TORCH_CHECK(p > 0 && D % (p * p) == 0, "unpatchify: last dim ", D, " is not a multiple of p*p=", p * p);
+  check_patch_size("unpatchify", p);
+  check_side("unpatchify", "height", height);
+  check_side("unpatchify", "width", width);
+  TORCH_CHECK(D % (p * p) == 0, "unpatchify: last dim ", D, " is not a multiple of p*p=", p * p);
+  checked_mul("unpatchify", "the output size", checked_mul("unpatchify", "the output size",
+              checked_mul("unpatchify", "the output size", patches_in.size(0), D / (p * p)), height), width);
   auto images = at::empty({patches_in.size(0), D / (p * p), height, width}, patches_in.options());
   const PatchGeometry g = patch_geometry(images, p);
   TORCH_CHECK(patches_in.size(1) == g.Hp * g.Wp, "unpatchify: expected ", g.Hp * g.Wp, " patches for ",

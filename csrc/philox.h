@@ -265,7 +265,9 @@ TF_HD StepCoefficients ddim_coefficients(int64_t prediction, double eta, double 
                                          double alpha_bar_prev) {
   const double beta_bar_t = dadd(1.0, -alpha_bar_t), beta_bar_prev = dadd(1.0, -alpha_bar_prev);
   const double variance = dmul(ddiv(beta_bar_prev, beta_bar_t), dadd(1.0, -ddiv(alpha_bar_t, alpha_bar_prev)));
-  const double std_dev = dmul(eta, dsqrt(variance));
+  // eta = 0 draws no noise whatever the variance: with alpha_bar_t = alpha_bar_prev = 0 (a table
+  // that reaches 0 before its last step) it is 0/0 = NaN, and 0 * NaN would ask for noise.
+  const double std_dev = eta == 0.0 ? 0.0 : dmul(eta, dsqrt(variance));
   const double direction_sq = dadd(beta_bar_prev, -dmul(std_dev, std_dev));
   const double direction = dsqrt(direction_sq > 0.0 ? direction_sq : 0.0);
   const double sap = dsqrt(alpha_bar_prev);

@@ -473,7 +473,7 @@ def test_bad_input_is_rejected_before_the_kernel():
     q, k, v = random_qkv(layout.num_queries, layout.num_keys, 2, 2, 32)
     with pytest.raises(ValueError, match=r"q must have one of the dtypes .* got torch.int32"):
         cpu_attention(q.int(), k.int(), v.int(), layout, 0.1)
-    with pytest.raises(ValueError, match="block_m must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="block_m must be a positive int <= 2147483647, got int 0"):
         cpu_attention(q, k, v, layout, 0.1, (0, 32))
     table = layout.tile_table(16, 16)
     with pytest.raises(RuntimeError, match=r"kv_lo must be a contiguous int32 vector of 3 entries"):

@@ -25,7 +25,25 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each case: a name, Python code evaluating the failing call (ops = torch.ops.transfusion_fast,
 # z = torch.zeros), the expected message (a regular expression).
 CASES = [
-    ("patchify p", "ops.patchify(z(1, 1, 4, 4), 0)", r"patchify: patch size p must be positive, got 0"),
+    ("patchify p", "ops.patchify(z(1, 1, 4, 4), 0)",
+     r"patchify: patch size p must be positive and at most 2147483647, got 0"),
+    # Issue 19: p = 2**32 made p * p wrap to 0 and the divisibility check died with SIGFPE.
+    ("patchify p=2**32", "ops.patchify(z(1, 1, 4, 4), 2**32)",
+     r"patchify: patch size p must be positive and at most 2147483647, got 4294967296"),
+    ("unpatchify p=2**32", "ops.unpatchify(z(1, 1, 0), 2**32, 2**32, 2**32)",
+     r"unpatchify: patch size p must be positive and at most 2147483647, got 4294967296"),
+    ("unpatchify p=2**33", "ops.unpatchify(z(1, 1, 0), 2**33, 2**33, 2**33)",
+     r"unpatchify: patch size p must be positive and at most 2147483647, got 8589934592"),
+    ("unpatchify size 2**32", "ops.unpatchify(z(1, 0, 0), 1, 2**32, 2**32)",
+     r"unpatchify: height must be in \[0, 2147483647\], got 4294967296"),
+    ("unpatchify_packed p=2**32", "ops.unpatchify_packed(z(1, 0), 2**32, [2**32], [2**32])",
+     r"unpatchify_packed: patch size p must be positive and at most 2147483647, got 4294967296"),
+    ("unpatchify_packed p=2**33", "ops.unpatchify_packed(z(1, 0), 2**33, [2**33], [2**33])",
+     r"unpatchify_packed: patch size p must be positive and at most 2147483647, got 8589934592"),
+    ("unpatchify_packed size 2**32", "ops.unpatchify_packed(z(1, 0), 1, [2**32], [2**32])",
+     r"unpatchify_packed: height must be in \[0, 2147483647\], got 4294967296"),
+    ("patchify_packed p=2**32", "ops.patchify_packed([z(1, 4, 4)], 2**32)",
+     r"patchify: patch size p must be positive and at most 2147483647, got 4294967296"),
     ("patchify divisible", "ops.patchify(z(1, 1, 5, 4), 2)",
      r"H and W must be divisible by p=2, got H=5 W=4"),
     ("unpatchify count", "ops.unpatchify(z(1, 3, 4), 1, 2, 2)", r"unpatchify: expected 4 patches for 2x2 with p=1, got 3"),
@@ -35,6 +53,10 @@ CASES = [
      r"the image sizes give 1 patches, got 3"),
     ("q_sample timesteps", "ops.q_sample(z(2, 3), z(3, dtype=torch.long), z(10, dtype=torch.float64), "
      "z(10, dtype=torch.float64), z(2, 3))", r"q_sample: timesteps must have shape \(2,\), got \[3\]"),
+    ("q_sample timestep range", "ops.q_sample(z(2, 3), torch.tensor([0, 10]), z(10, dtype=torch.float64), "
+     "z(10, dtype=torch.float64), z(2, 3))", r"q_sample: timesteps\[1\] must be in \[0, 10\), got 10"),
+    ("q_sample_philox timestep range", "ops.q_sample_philox(z(2, 3), torch.tensor([-1, 0]), "
+     "z(10, dtype=torch.float64), z(10, dtype=torch.float64), 7)", r"timesteps\[0\] must be in \[0, 10\), got -1"),
     ("q_sample_philox timesteps", "ops.q_sample_philox(z(2, 3), z(3, dtype=torch.long), "
      "z(10, dtype=torch.float64), z(10, dtype=torch.float64), 7)", r"timesteps must have shape \(2,\), got \[3\]"),
     ("philox4x32_10 counters", "ops.philox4x32_10(z(2, 3, dtype=torch.long), z(2, 2, dtype=torch.long))",

@@ -261,3 +261,20 @@ def test_cuda_philox_known_answers_and_noise_bitwise_equal_cpu():
     # the reference twin runs on CUDA tensors too, and gives the same bits there
     assert torch.equal(philox_normal_reference(7, 4099, device="cuda").cpu(),
                        philox_normal_reference(7, 4099))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("use_seed", [False, True])
+def test_add_noise_reads_a_strided_timestep_view(dtype, use_seed):
+    # The case: t[::2] of an int64 tensor is a view with stride 2; the compiled path used
+    # to read it as contiguous (row 1 got t = 999 and x_t[1, 0] = 0 instead of 1).
+    t = torch.tensor([0, 999, 0, 999, 0, 999], dtype=dtype)[::2]
+    schedule = get_schedule()
+    kwargs = dict(seed=5) if use_seed else dict(noise=torch.zeros(3, 2))
+    x_t, noise = add_noise(torch.ones(3, 2), t, schedule, **kwargs)
+    want = add_noise_reference(torch.ones(3, 2), t, schedule, noise)
+    assert torch.equal(x_t, want)
+    if not use_seed:
+        assert x_t[:, 0].tolist() == pytest.approx([math.sqrt(schedule.alphas_cumprod[0].item())] * 3)
+    # Every row is at t = 0, as with a contiguous tensor of zeros.
+    assert torch.equal(x_t, add_noise(torch.ones(3, 2), torch.zeros(3, dtype=dtype), schedule, **kwargs)[0])

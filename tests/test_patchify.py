@@ -1,5 +1,10 @@
 """patchify / unpatchify (batched and packed): compiled kernels bitwise equal to the reference
 twins over channels, patch sizes, layouts and dtypes; gradients; bad input."""
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -183,6 +188,52 @@ def test_patchify_ops_pass_opcheck():
 def test_bad_input_raises_before_any_kernel(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# The issue's crash: p = 2**32 (and 2**33) passed the Python checks, then p * p wrapped to 0 in
+# the C++ and the process died with SIGFPE. Run in a child process, on both backends, so that a
+# crash fails this test instead of killing the session (the C++ ops alone: test_cpp_bad_input.py).
+HUGE_PATCH_CALLS = [
+    "ops.unpatchify(torch.empty(1, 1, 0), 2**32, 2**32, 2**32)",
+    "ops.unpatchify(torch.empty(1, 1, 0), 2**33, 2**33, 2**33)",
+    "ops.unpatchify_packed(torch.empty(1, 0), torch.tensor([0, 1]), 2**32, [(2**32, 2**32)])",
+    "ops.unpatchify_packed(torch.empty(1, 0), torch.tensor([0, 1]), 2**33, [(2**33, 2**33)])",
+    "ops.patchify(torch.empty(1, 1, 0, 0), 2**32)",
+    "ops.patchify_packed([torch.empty(1, 0, 0)], 2**32)",
+]
+HUGE_SIZE_CALLS = [   # a valid p with the issue's image sizes
+    "ops.unpatchify(torch.empty(1, 0, 1), 1, 2**32, 2**32)",
+    "ops.unpatchify_packed(torch.empty(1, 1), torch.tensor([0, 1]), 1, [(2**32, 2**32)])",
+]
+_CHILD = """
+import json, sys, torch
+from transfusion_fast import ops, use_backend
+results = []
+for backend in ("auto", "reference"):
+    with use_backend(backend):
+        for code in json.loads(sys.argv[1]):
+            try:
+                eval(code)
+                results.append([backend, code, "no error", ""])
+            except Exception as error:
+                results.append([backend, code, type(error).__name__, str(error)])
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_huge_patch_sizes_raise_a_clear_error_and_never_crash():
+    child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(HUGE_PATCH_CALLS + HUGE_SIZE_CALLS)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"the process died (exit {child.returncode}):\n{child.stderr[-3000:]}"
+    results = json.loads(child.stdout.split("RESULTS ", 1)[1])
+    assert len(results) == 2 * len(HUGE_PATCH_CALLS + HUGE_SIZE_CALLS)
+    for backend, code, kind, message in results:
+        assert kind == "ValueError", f"{backend}: {code} gave {kind}: {message}"
+        if code in HUGE_PATCH_CALLS:
+            assert re.search(r"patch size p must be a positive int <= 2147483647, got int (4294967296|8589934592)",
+                             message), message
+        else:
+            assert re.search(r"(height|sizes) must be .*2147483647", message), message
 
 
 @pytest.mark.gpu

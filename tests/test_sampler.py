@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from transfusion_fast import get_schedule, use_backend
+from transfusion_fast import Schedule, _ext, get_schedule, use_backend
 from transfusion_fast.ops import (ddim_step, ddim_step_reference, ddpm_step, ddpm_step_reference,
                                   inference_timesteps)
 
@@ -230,6 +230,40 @@ def test_bad_eta_and_inference_steps():
         inference_timesteps(10, 20)
     with pytest.raises(ValueError, match="num_inference_steps must be a positive int"):
         inference_timesteps(1000, 0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_cfg_scale_and_eta_are_refused(backend, value):
+    # The issue: NaN/inf guidance or eta gave all-NaN images with no error.
+    args = _good()
+    x, cond, t, t_prev = args["x_t"], args["model_out"], args["t"], args["t_prev"]
+    uncond = torch.zeros_like(x)
+    with use_backend(backend):
+        for step in (ddpm_step, ddim_step):
+            with pytest.raises(ValueError, match=rf"cfg_scale must be a finite float, got float {value}"):
+                step(x, cond, t, t_prev, SCHEDULE, uncond_out=uncond, cfg_scale=value, seed=1)
+        with pytest.raises(ValueError, match=rf"eta must be a finite float >= 0, got float {value}"):
+            ddim_step(x, cond, t, t_prev, SCHEDULE, eta=value, seed=1)
+
+
+def test_ddim_eta_zero_draws_no_noise_with_a_beta_of_one():
+    # The issue: with a beta of 1 the compiled DDIM step at eta = 0 asked for noise it does not
+    # need. A Schedule takes a 1 at its last step only (zero terminal SNR); the compiled op also
+    # gets tables reaching 0 earlier, where the variance is 0/0 = NaN and 0 * NaN is not 0.
+    schedule = Schedule("terminal", torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64))
+    x, cond, _, _ = _inputs(2, (4,), torch.float32)
+    for t, t_prev in ((2, 1), (2, -1), (2, 0), (1, 0)):
+        t, t_prev = torch.tensor([t, t]), torch.tensor([t_prev, t_prev])
+        for prediction in ("v", "x0"):
+            got = ddim_step(x, cond, t, t_prev, schedule, prediction=prediction, eta=0.0)
+            want = ddim_step_reference(x, cond, t, t_prev, schedule, prediction=prediction, eta=0.0)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    table = torch.tensor([0.9, 0.0, 0.0], dtype=torch.float64)
+    ops = _ext.ops()
+    out = ops.ddim_step(x, cond, None, torch.tensor([2, 2]), torch.tensor([1, 1]), table, 2, 0.0, 1.0, None, None)
+    # v prediction at alpha_bar 0 on both sides: x0 = -v, eps = x_t, and x_prev = sqrt(0) x0 + x_t.
+    torch.testing.assert_close(out, x)
 
 
 @pytest.mark.gpu

@@ -107,15 +107,41 @@ def _documents(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens):
         yield (q0, q1, k0, k1), qd, kd, vd, visible
 
 
+def _visible_matmul(a, visible, b):
+    """``Σ_j a[..., i, j] · b[..., j, d]`` over the visible pairs ``(i, j)`` only, each product in IEEE
+    arithmetic: ``a @ b`` when every factor is finite; otherwise the products with a non-finite
+    factor are summed column by column where they are visible (a plain ``a @ b`` would add
+    ``0 · NaN = NaN`` from the invisible pairs, where ``a`` is 0, into every row of the document).
+    ``a`` (H, M, N), ``visible`` (M, N) bool, ``b`` (H, N, D) → (H, M, D); O(H·M·N) memory."""
+    finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
+    if bool(finite_a.all()) and bool(finite_b.all()):
+        return a @ b
+    out = torch.where(finite_a, a, 0) @ torch.where(finite_b, b, 0)
+    if bool(finite_a.all()):
+        columns = (~finite_b).flatten(0, -2).any(0).nonzero()[:, 0].tolist()    # those holding one
+    else:
+        columns = range(b.shape[-1])
+    for d in columns:
+        b_d = b[..., d]                                                             # (H, N)
+        pairs = visible & (~finite_a | ~torch.isfinite(b_d)[:, None, :])            # a non-finite factor
+        out[..., d] += torch.where(pairs, a * b_d[:, None, :], 0).sum(-1)
+    return out
+
+
 def _reference_from_intervals(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens, scale):
-    """The reference computation on the layout's tensors; see :func:`attention_reference`."""
+    """The reference computation on the layout's tensors; see :func:`attention_reference` and the
+    NaN / infinity semantics of :func:`attention`."""
     outs, lses = [], []
     for _, qd, kd, vd, visible in _documents(q, k, v, kv_start, kv_end, cu_seqlens, q_cu_seqlens):
         scores = (qd @ kd.transpose(1, 2)) * scale                                  # (Hq, Lq, Lk)
         scores = scores.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)                                       # (Hq, Lq)
-        outs.append((torch.exp(scores - lse[..., None]) @ vd).transpose(0, 1))      # (Lq, Hq, D)
-        lses.append(lse)
+        m = scores.amax(-1, keepdim=True)                                           # NaN if any score is
+        # A row whose visible scores are all -inf: weights exp(-inf) = 0, o = 0/0 = NaN, lse = -inf.
+        m = m.masked_fill(m == float("-inf"), 0.0)
+        e = torch.exp(scores - m)                        # a +inf score: exp(inf - inf) = NaN
+        total = e.sum(-1)                                                           # (Hq, Lq)
+        outs.append((_visible_matmul(e, visible, vd) / total[..., None]).transpose(0, 1))   # (Lq, Hq, D)
+        lses.append(m[..., 0] + torch.log(total))
     return torch.cat(outs, 0).to(q.dtype), torch.cat(lses, 1).float()
 
 
@@ -135,12 +161,12 @@ def _reference_backward_from_intervals(grad_o, grad_lse, q, k, v, kv_start, kv_e
                                                             q_cu_seqlens):
         dod = grad_o[q0:q1].to(compute).transpose(0, 1)                             # (Hq, Lq, D)
         scores = ((qd @ kd.transpose(1, 2)) * scale).masked_fill(~visible, float("-inf"))
-        p = torch.softmax(scores, dim=-1)                                           # (Hq, Lq, Lk)
-        delta = (dod * (p @ vd)).sum(-1, keepdim=True) - grad_lse[:, q0:q1, None].to(compute)
-        ds = p * (dod @ vd.transpose(1, 2) - delta)
-        dq[q0:q1] = (ds @ kd).transpose(0, 1) * scale
-        dk_d = (ds.transpose(1, 2) @ qd) * scale                                    # (Hq, Lk, D)
-        dv_d = p.transpose(1, 2) @ dod
+        p = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)                 # (Hq, Lq, Lk)
+        delta = (dod * _visible_matmul(p, visible, vd)).sum(-1, keepdim=True) - grad_lse[:, q0:q1, None].to(compute)
+        ds = torch.where(visible, p * (dod @ vd.transpose(1, 2) - delta), 0.0)
+        dq[q0:q1] = _visible_matmul(ds, visible, kd).transpose(0, 1) * scale
+        dk_d = _visible_matmul(ds.transpose(1, 2), visible.T, qd) * scale            # (Hq, Lk, D)
+        dv_d = _visible_matmul(p.transpose(1, 2), visible.T, dod)
         dk[k0:k1] = dk_d.reshape(hkv, group, k1 - k0, -1).sum(1).transpose(0, 1)
         dv[k0:k1] = dv_d.reshape(hkv, group, k1 - k0, -1).sum(1).transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -149,6 +175,10 @@ def _reference_backward_from_intervals(grad_o, grad_lse, q, k, v, kv_start, kv_e
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                         scale: float, return_lse: bool = False):
     """Plain PyTorch, one document at a time: O(sum of doc²) memory, never O(T²).
+
+    Its forward follows :func:`attention`'s NaN / infinity semantics. Differentiating it directly
+    is for finite inputs: through a non-finite one, torch's gradient of ``where`` multiplies the
+    hidden branch by 0 and spreads NaN; the ``reference`` backend's explicit backward does not.
 
     q (Tq, Hq, D), k/v (Tk, Hkv, D) → o (Tq, Hq, D) [, lse (Hq, Tq) float32]
     """
@@ -218,6 +248,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
         return_lse: also return the log-sum-exp of each row, ``(Hq, Tq)`` float32.
     Returns:
         ``o`` of shape ``(Tq, Hq, D)`` and dtype of q, or ``(o, lse)``.
+
+    NaN and infinities (the same on the reference and CPU backends, forward and backward; the
+    Triton kernels not yet, see docs/nan_semantics.md):
+    IEEE arithmetic over the visible pairs only. Each output and gradient is the softmax formula
+    summed over the pairs (row ``i``, key ``j``) the layout makes visible, and the hidden pairs add
+    nothing, not even ``0 * NaN``. So a NaN in ``q``, ``k`` or ``v`` reaches exactly the rows
+    that see it, inside its document, never another document (also not one sharing a tile); a
+    ``+inf`` score makes its row NaN (``exp(inf - inf)``, as SDPA); a row whose visible scores are
+    all ``-inf`` gives ``o`` NaN and ``lse = -inf``. Gradients follow the same formulas: a NaN row
+    makes ``dq`` of that row and ``dk`` / ``dv`` of the keys it sees NaN.
     """
     scale = check_attention_inputs(q, k, v, layout, scale)
     return_lse = check_bool("return_lse", return_lse)

@@ -32,6 +32,7 @@ import math
 import torch
 
 from .. import backend as _backend
+from ..checks import check_float, check_int, describe
 # The q_sample ops with their autograd formulas attached (noise.py registers them on first use).
 from .noise import noise_ops, philox_normal_reference
 from .validation import check_like, check_rows, check_seed, resolve_seed
@@ -48,35 +49,14 @@ MAX_FLOW_STEPS = 100_000
 MAX_TIMESTEP_SAMPLES = 2 ** 31 - 1
 
 
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _check_float(name: str, value, *, positive: bool = False) -> float:
-    """A finite real number (int or float, not bool); ``positive``: also > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {_describe(value)}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {_describe(value)}")
-    return value
-
-
 def check_shift(shift) -> float:
-    return _check_float("shift", shift, positive=True)
+    return check_float("shift", shift, 0.0, low_open=True)
 
 
 def check_flow_times(name: str, t, rows: int, device) -> None:
     """``t``: a float32/float64 tensor of shape ``(rows,)`` on ``device`` with finite values in [0, 1]."""
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name} must be a float32/float64 tensor of flow times in [0, 1], got {_describe(t)}")
+        raise ValueError(f"{name} must be a float32/float64 tensor of flow times in [0, 1], got {describe(t)}")
     if t.shape != (rows,):
         raise ValueError(f"{name} must have one entry per row, shape ({rows},), got {tuple(t.shape)}")
     if t.device != torch.device(device):
@@ -94,13 +74,11 @@ def shift_timesteps(t, shift: float = 1.0):
     s = check_shift(shift)
     if isinstance(t, torch.Tensor):
         if not t.is_floating_point():
-            raise ValueError(f"t must be a float tensor of times in [0, 1], got {_describe(t)}")
+            raise ValueError(f"t must be a float tensor of times in [0, 1], got {describe(t)}")
         if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
             raise ValueError(f"t must lie in [0, 1] (finite), got values from {float(t.min())} to {float(t.max())}")
     else:
-        t = _check_float("t", t)
-        if not 0 <= t <= 1:
-            raise ValueError(f"t must lie in [0, 1], got {t!r}")
+        t = check_float("t", t, 0.0, 1.0)
     if s == 1.0:
         return t
     return s * t / (1 + (s - 1) * t)
@@ -114,14 +92,14 @@ def sample_flow_timesteps(n: int, *, distribution: str = "uniform", mean: float 
     then :func:`shift_timesteps` with ``shift``. Drawn on the CPU from ``generator`` (torch's default
     one when ``None``), so a seeded generator gives the same times on every device, then moved to
     ``device``."""
-    n = _check_count("n", n, 0, MAX_TIMESTEP_SAMPLES)
+    n = check_int("n", n, 0, MAX_TIMESTEP_SAMPLES)
     if distribution not in FLOW_TIME_DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {FLOW_TIME_DISTRIBUTIONS}, got {distribution!r}")
-    mean = _check_float("mean", mean)
-    std = _check_float("std", std, positive=True)
+    mean = check_float("mean", mean)
+    std = check_float("std", std, 0.0, low_open=True)
     shift = check_shift(shift)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
+        raise ValueError(f"generator must be a torch.Generator or None, got {describe(generator)}")
     if distribution == "uniform":
         t = torch.rand(n, generator=generator, dtype=torch.float64)
     else:
@@ -134,7 +112,7 @@ def flow_inference_timesteps(num_steps: int, shift: float = 1.0) -> torch.Tensor
     """The float64 time grid of a flow sampler: ``num_steps + 1`` values from 1 down to 0, uniform in
     ``t`` then shifted (:func:`shift_timesteps`). Step ``k`` integrates from ``grid[k]`` to
     ``grid[k + 1]``; the last one lands on ``t = 0`` (the data)."""
-    num_steps = _check_count("num_steps", num_steps, 1, MAX_FLOW_STEPS)
+    num_steps = check_int("num_steps", num_steps, 1, MAX_FLOW_STEPS)
     grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     grid[0], grid[-1] = 1.0, 0.0                     # exact ends whatever linspace rounds
     return shift_timesteps(grid, shift)

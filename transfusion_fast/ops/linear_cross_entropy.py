@@ -30,14 +30,13 @@ Both chunked implementations run as one opaque custom op with a fake kernel
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from transfusion_fast.backend import resolve
+from transfusion_fast.checks import check_bool, check_float, check_int, describe
 from transfusion_fast.kernels import linear_cross_entropy as lce_kernels
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "check_linear_cross_entropy_inputs",
@@ -59,22 +58,6 @@ def default_chunk_size(rows: int, vocab: int) -> int:
 
 
 # ============================================================================ validation
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
-    return f"{type(t).__name__} {t!r}"
-
-
-def _real_number(name: str, value) -> float:
-    """``value`` as a float; bools and non-numbers are refused (``True`` is not a coefficient)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number (int or float, not bool), got {_describe(value)}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
-
-
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype of the matmuls: the autocast dtype under ``torch.autocast`` on the tensors' device
     (as ``F.linear`` would run; float64 is never downcast), else the inputs' shared dtype."""
@@ -90,9 +73,9 @@ def check_linear_cross_entropy_inputs(hidden, weight, targets, bias, ignore_inde
     :func:`_check_target_range`); return ``(label_smoothing, z_loss)`` as floats."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {describe(t)}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {_describe(bias)}")
+        raise TypeError(f"bias must be a torch.Tensor or None, got {describe(bias)}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden must have shape (..., hidden_dim) with at least one leading (row) "
                          f"dimension, got shape {tuple(hidden.shape)}")
@@ -124,23 +107,17 @@ def check_linear_cross_entropy_inputs(hidden, weight, targets, bias, ignore_inde
                          f"dim), got shape {tuple(targets.shape)}")
     if targets.device != hidden.device:
         raise ValueError(f"targets must be on hidden's device {hidden.device}, got {targets.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int (not bool), got {_describe(ignore_index)}")
-    label_smoothing = _real_number("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    z_loss = _real_number("z_loss", z_loss)
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss!r}")
+    check_int("ignore_index", ignore_index)
+    smoothing = check_float("label_smoothing", label_smoothing, 0.0, 1.0)
+    if smoothing == 1.0:            # [0, 1): all mass on the uniform part leaves nothing to learn
+        raise ValueError(f"label_smoothing must be a finite float in [0, 1), got {describe(label_smoothing)}")
+    z_loss = check_float("z_loss", z_loss, 0.0)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)):
-        raise TypeError(f"chunk_size must be a positive int or None, got {_describe(chunk_size)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(return_z_loss, bool):
-        raise TypeError(f"return_z_loss must be a bool, got {_describe(return_z_loss)}")
-    return label_smoothing, z_loss
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    check_bool("return_z_loss", return_z_loss)
+    return smoothing, z_loss
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
