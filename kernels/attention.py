@@ -22,6 +22,7 @@ import functools
 
 import torch
 
+from transfusion_fast.checks import refuse_double_backward
 from transfusion_fast.layout import Layout, TileTable
 
 from .attention_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_fwd
@@ -176,6 +177,7 @@ def _attention_bwd(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
 
 _attention_bwd_op = torch.library.custom_op("transfusion_fast::triton_attention_bwd",
                                             mutates_args=())(_attention_bwd)
+refuse_double_backward(_attention_bwd_op, "attention (triton)")
 
 
 @_attention_bwd_op.register_fake
@@ -213,7 +215,11 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, o, lse, *tables = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        backward = _attention_bwd_op if torch.compiler.is_compiling() else _attention_bwd
+        # Under create_graph=True (grad mode on in the backward) the op's registered autograd
+        # refuses a double backward with a clear error; the plain launcher would return
+        # gradients silently cut from the graph.
+        compiled_or_graph = torch.compiler.is_compiling() or torch.is_grad_enabled()
+        backward = _attention_bwd_op if compiled_or_graph else _attention_bwd
         dq, dk, dv = backward(do, dlse, q, k, v, o, lse, *tables, ctx.scale, ctx.tiles)
         return dq, dk, dv, None, None, None, None, None, None, None
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 __all__ = ["MAX_SIZE", "MAX_ELEMENTS", "MAX_SEED", "describe", "check_int", "check_float", "check_bool",
-           "check_int_list"]
+           "check_int_list", "refuse_double_backward"]
 
 #: Largest single size argument (a patch size, an image side, a number of steps or rows, a block
 #: size): int32, so that every index of a compiled kernel fits.
@@ -100,3 +100,15 @@ def check_int_list(name: str, values, low: int | None = None, high: int | None =
     if not isinstance(values, (list, tuple)):
         raise ValueError(f"{name} must be a sequence of ints, got {describe(values)}")
     return [check_int(f"{name}[{i}]", v, low, high) for i, v in enumerate(values)]
+
+
+def refuse_double_backward(backward_op, what: str) -> None:
+    """Give the custom op computing ``what``'s gradients an autograd formula that raises a clear
+    error: differentiating that gradient again (``create_graph=True``, e.g. a gradient penalty)
+    would otherwise end in torch's "no autograd formula was registered" for an internal op name."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{what}: double backward (differentiating its gradient again, e.g. a gradient "
+                           f"penalty through create_graph=True) is not supported by the attention kernels; "
+                           f"ops.attention_reference (plain PyTorch) can be differentiated twice")
+
+    backward_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

@@ -26,6 +26,7 @@ import os
 import torch
 
 from .. import _ext
+from ..checks import refuse_double_backward
 from ..layout import Layout, TileTable
 
 __all__ = ["cpu_attention", "FORWARD_BLOCKS", "BACKWARD_BLOCKS", "SUPPORTED_DTYPES", "CPU_ISAS",
@@ -135,6 +136,9 @@ def _cpu_attention_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.T
     adds grad_lse_i · P_ij to dS_ij (∂lse_i/∂s_ij = P_ij), the same as subtracting it from delta."""
     return _ops().attention_cpu_bwd(grad_o, q, k, v, o, lse, grad_lse, kv_start, kv_end, q_start, q_end,
                                         q_lo, q_hi, q_full_lo, q_full_hi, block_m, block_n, scale)
+
+
+refuse_double_backward(_cpu_attention_backward_op, "attention (cpu)")
 
 
 @_cpu_attention_backward_op.register_fake

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import backend as _backend
-from ..checks import check_bool, check_float
+from ..checks import check_bool, check_float, refuse_double_backward
 from ..kernels.attention_tiles import SUPPORTED_HEAD_DIMS, tile_config
 from ..layout import Layout
 from ._cpu_attention import BACKWARD_BLOCKS, FORWARD_BLOCKS, cpu_attention
@@ -234,6 +234,7 @@ def _reference_backward(ctx, grad_o, grad_lse):
 
 
 _reference_attention_op.register_autograd(_reference_backward, setup_context=_reference_setup_context)
+refuse_double_backward(_reference_attention_backward_op, "attention (reference backend)")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
