@@ -28,19 +28,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .checks import MAX_SIZE, check_int, describe
+
 __all__ = ["LatentCodec", "Latents", "check_codecs"]
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {_describe(value)}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -53,7 +43,7 @@ class Latents:
     def __post_init__(self):
         if not isinstance(self.tensor, torch.Tensor) or not self.tensor.is_floating_point() or self.tensor.dim() != 3:
             raise ValueError(f"Latents.tensor must be a floating-point (latent_channels, h, w) tensor, got "
-                             f"{_describe(self.tensor)}")
+                             f"{describe(self.tensor)}")
 
     @property
     def shape(self) -> torch.Size:
@@ -83,10 +73,10 @@ class LatentCodec:
             raise ValueError(f"encode and decode must be callables, got {type(encode).__name__} and "
                              f"{type(decode).__name__}")
         self._encode, self._decode = encode, decode
-        self.latent_channels = _positive_int("latent_channels", latent_channels)
-        self.downsample = _positive_int("downsample", downsample)
-        self.image_channels = _positive_int("image_channels", image_channels)
-        self.latent_size = None if latent_size is None else _positive_int("latent_size", latent_size)
+        self.latent_channels = check_int("latent_channels", latent_channels, 1, MAX_SIZE)
+        self.downsample = check_int("downsample", downsample, 1, MAX_SIZE)
+        self.image_channels = check_int("image_channels", image_channels, 1, MAX_SIZE)
+        self.latent_size = None if latent_size is None else check_int("latent_size", latent_size, 1, MAX_SIZE)
         modules = tuple(modules) if isinstance(modules, (list, tuple)) else (modules,)
         for i, module in enumerate(modules):
             if not isinstance(module, nn.Module):
@@ -116,8 +106,8 @@ class LatentCodec:
             raise ValueError(f"vae must be a diffusers AutoencoderKL (an nn.Module with .config, .encode and "
                              f".decode), got {type(vae).__name__}")
         if not isinstance(sample_posterior, bool):
-            raise ValueError(f"sample_posterior must be a bool, got {_describe(sample_posterior)}")
-        latent_channels = _positive_int("vae.config.latent_channels", config.latent_channels)
+            raise ValueError(f"sample_posterior must be a bool, got {describe(sample_posterior)}")
+        latent_channels = check_int("vae.config.latent_channels", config.latent_channels, 1, MAX_SIZE)
         scaling = config.scaling_factor
         if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling) \
                 or scaling <= 0:
@@ -157,7 +147,8 @@ class LatentCodec:
             return vae.decode(z).sample.to(latents.dtype)
 
         codec = cls(encode, decode, latent_channels=latent_channels, downsample=downsample,
-                    image_channels=_positive_int("vae.config.in_channels", config.in_channels), modules=(vae,))
+                    image_channels=check_int("vae.config.in_channels", config.in_channels, 1, MAX_SIZE),
+                    modules=(vae,))
         codec.scaling_factor, codec.shift_factor = factor, offset
         return codec
 
@@ -214,7 +205,7 @@ class LatentCodec:
         elif isinstance(item, torch.Tensor) and item.dim() == 3:
             shape = self.latent_shape(item.shape)
         else:
-            raise ValueError(f"{where}: item must be a (C, H, W) image or Latents, got {_describe(item)}")
+            raise ValueError(f"{where}: item must be a (C, H, W) image or Latents, got {describe(item)}")
         p, m = modality.patch_size, modality.max_size
         for name, side in (("height", shape[1]), ("width", shape[2])):
             if side % p or not 0 < side <= m:
@@ -227,15 +218,15 @@ class LatentCodec:
         """Images ``(B, C, H, W)`` → latents ``(B, latent_channels, H/f, W/f)`` in the images' dtype,
         without gradient (the latents never require grad)."""
         if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4:
-            raise ValueError(f"images must be a floating-point (B, C, H, W) tensor, got {_describe(images)}")
+            raise ValueError(f"images must be a floating-point (B, C, H, W) tensor, got {describe(images)}")
         expected = self.latent_shape(images.shape)
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
+            raise ValueError(f"generator must be a torch.Generator or None, got {describe(generator)}")
         self._freeze_if_unfrozen()
         with torch.no_grad():
             latents = self._encode(images, generator)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
-            raise ValueError(f"the codec's encode returned {_describe(latents)}, expected shape {expected} "
+            raise ValueError(f"the codec's encode returned {describe(latents)}, expected shape {expected} "
                              f"(latent_channels={self.latent_channels}, downsample={self.downsample})")
         return latents
 
@@ -246,7 +237,7 @@ class LatentCodec:
             latents = latents.tensor[None]
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.dim() != 4:
             raise ValueError(f"latents must be a floating-point (B, latent_channels, h, w) tensor, got "
-                             f"{_describe(latents)}")
+                             f"{describe(latents)}")
         if latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents channels: expected {self.latent_channels} (the codec's latent channels), "
                              f"got {latents.shape[1]}")
@@ -256,7 +247,7 @@ class LatentCodec:
         f = self.downsample
         expected = (latents.shape[0], self.image_channels, latents.shape[2] * f, latents.shape[3] * f)
         if not isinstance(images, torch.Tensor) or tuple(images.shape) != expected:
-            raise ValueError(f"the codec's decode returned {_describe(images)}, expected shape {expected} "
+            raise ValueError(f"the codec's decode returned {describe(images)}, expected shape {expected} "
                              f"(image_channels={self.image_channels}, downsample={f})")
         return images
 
@@ -264,11 +255,11 @@ class LatentCodec:
         """A list of ``(C, H, W)`` images (any sizes) → their :class:`Latents`, encoded in batches of
         one size (for a data pipeline that caches latents)."""
         if not isinstance(images, (list, tuple)):
-            raise ValueError(f"images must be a list of (C, H, W) tensors, got {_describe(images)}")
+            raise ValueError(f"images must be a list of (C, H, W) tensors, got {describe(images)}")
         by_shape: dict = {}
         for i, image in enumerate(images):
             if not isinstance(image, torch.Tensor) or image.dim() != 3:
-                raise ValueError(f"images[{i}] must be a (C, H, W) tensor, got {_describe(image)}")
+                raise ValueError(f"images[{i}] must be a (C, H, W) tensor, got {describe(image)}")
             by_shape.setdefault(tuple(image.shape), []).append(i)
         out = [None] * len(images)
         for indices in by_shape.values():
@@ -290,7 +281,7 @@ def check_codecs(codecs, modalities) -> dict:
     if codecs is None:
         return {}
     if not isinstance(codecs, dict):
-        raise ValueError(f"codecs must be a dict {{modality name: LatentCodec}} or None, got {_describe(codecs)}")
+        raise ValueError(f"codecs must be a dict {{modality name: LatentCodec}} or None, got {describe(codecs)}")
     by_name = {m.name: m for m in modalities}
     for name, codec in codecs.items():
         if name not in by_name:

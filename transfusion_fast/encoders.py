@@ -32,20 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .checks import MAX_SIZE, check_int, describe
 
 __all__ = ["UNetPatchCoder", "UNetState", "ResBlock"]
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {_describe(value)}")
-    return value
 
 
 def _patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -126,7 +115,7 @@ class UNetPatchCoder(nn.Module):
         for name, value in (("channels", channels), ("patch_size", patch_size), ("dim", dim),
                             ("time_dim", time_dim), ("base_channels", base_channels),
                             ("num_res_blocks", num_res_blocks), ("groups", groups)):
-            _positive_int(name, value)
+            check_int(name, value, 1, MAX_SIZE)
         if patch_size & (patch_size - 1):
             raise ValueError(f"patch_size must be a power of two for the U-Net encoder (it downsamples by 2 per "
                              f"level), got {patch_size}")
@@ -178,13 +167,13 @@ class UNetPatchCoder(nn.Module):
         if (not isinstance(temb, torch.Tensor) or not temb.is_floating_point()
                 or temb.shape != (batch, self.time_dim)):
             raise ValueError(f"temb must be a floating-point ({batch}, {self.time_dim}) tensor (one timestep "
-                             f"embedding per image), got {_describe(temb)}")
+                             f"embedding per image), got {describe(temb)}")
 
     def encode_images(self, x: torch.Tensor, temb: torch.Tensor):
         """Down blocks: x ``(B, C, H, W)`` (H, W multiples of p), temb ``(B, time_dim)`` → tokens
         ``(B, (H/p)(W/p), dim)`` in patch order and the skip features (one per level)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must be a floating-point (B, {self.channels}, H, W) tensor, got {_describe(x)}")
+            raise ValueError(f"x must be a floating-point (B, {self.channels}, H, W) tensor, got {describe(x)}")
         if x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
             raise ValueError(f"image height and width must be multiples of patch_size={self.patch_size}, got "
                              f"{tuple(x.shape[2:])}")
@@ -205,12 +194,12 @@ class UNetPatchCoder(nn.Module):
         patch rows ``(B, N, p·p·C)`` (the layout of :func:`transfusion_fast.ops.patchify`)."""
         if not isinstance(skips, (list, tuple)) or len(skips) != self.levels + 1:
             raise ValueError(f"skips must be the {self.levels + 1} features encode_images returned, got "
-                             f"{_describe(skips)}")
+                             f"{describe(skips)}")
         batch, _, height, width = skips[0].shape
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         if not isinstance(h, torch.Tensor) or h.shape != (batch, grid_h * grid_w, self.dim):
             raise ValueError(f"h must be a ({batch}, {grid_h * grid_w}, {self.dim}) tensor (the tokens of the "
-                             f"encoded images), got {_describe(h)}")
+                             f"encoded images), got {describe(h)}")
         self._check_temb(temb, batch)
         x = self.from_tokens(h.transpose(1, 2).reshape(batch, self.dim, grid_h, grid_w))
         for level in range(self.levels, -1, -1):
@@ -226,7 +215,7 @@ class UNetPatchCoder(nn.Module):
     # ------------------------------------------------------------------ packed spans
     def _groups(self, sizes, num_rows: int, device) -> list:
         if not isinstance(sizes, (list, tuple)) or not sizes:
-            raise ValueError(f"sizes must be a non-empty list of (height, width) per span, got {_describe(sizes)}")
+            raise ValueError(f"sizes must be a non-empty list of (height, width) per span, got {describe(sizes)}")
         p = self.patch_size
         offsets, by_size = [0], {}
         for i, size in enumerate(sizes):
@@ -257,7 +246,7 @@ class UNetPatchCoder(nn.Module):
         for :meth:`decode`."""
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[1] != self.patch_dim:
             raise ValueError(f"x_t must be a (N, {self.patch_dim}) tensor of patch rows (P = p*p*C), got "
-                             f"{_describe(x_t)}")
+                             f"{describe(x_t)}")
         groups = self._groups(sizes, x_t.shape[0], x_t.device)
         self._check_temb(temb, len(sizes))
         out = None
@@ -281,10 +270,10 @@ class UNetPatchCoder(nn.Module):
     def decode(self, h: torch.Tensor, state: UNetState) -> torch.Tensor:
         """Tokens of the same rows ``(N, dim)`` (the transformer's outputs) → the prediction ``(N, P)``."""
         if not isinstance(state, UNetState):
-            raise ValueError(f"state must be the UNetState that encode returned, got {_describe(state)}")
+            raise ValueError(f"state must be the UNetState that encode returned, got {describe(state)}")
         if not isinstance(h, torch.Tensor) or h.shape != (state.num_rows, self.dim):
             raise ValueError(f"h must be a ({state.num_rows}, {self.dim}) tensor (one row per encoded patch), "
-                             f"got {_describe(h)}")
+                             f"got {describe(h)}")
         out = None
         for g, g_temb, skips in zip(state.groups, state.temb, state.skips):
             batch, n = len(g.spans), (g.height // self.patch_size) * (g.width // self.patch_size)
