@@ -65,14 +65,15 @@ _LARGE_D = dict(fwd_block_m=64, fwd_block_n=32, fwd_warps=8, fwd_stages=1, dkdv_
 # 16k-token Transfusion layout, one kernel varied at a time; the figures are in docs/gpu.md):
 # 64-row forward tiles with 4 warps and a 3-stage pipeline at D = 64 (fewer partial tiles per row,
 # more programs), square 64 x 64 backward tiles at D = 64. At D >= 96 the 64-row forward spills in
-# fp16, so it takes 128 x 64 with 8 warps; dK/dV keeps 32 query rows per step (64 spills). Since dQ
+# fp16, so it takes 128 x 64 with 8 warps; dK/dV keeps 32 query rows per step (64 spills), with 8
+# warps (4 warps spill under Triton 3.6, torch 2.11's, at D = 96 and 128). Since dQ
 # also computes delta, its 64 x 64 / 4-warp tile spills at D = 128: it takes 128 x 64 with 8 warps
 # and 3 stages, the fastest of a whole-backward sweep. D = 96 (padded to 128) keeps a 64 x 32 dQ.
 _SM90_D64 = dict(fwd_block_m=64, fwd_block_n=64, fwd_warps=4, fwd_stages=3, dkdv_block_m=64,
                  dkdv_block_n=64, dkdv_warps=4, dkdv_stages=2, dq_block_m=64, dq_block_n=64,
                  dq_warps=4, dq_stages=2)
-_SM90_D128 = dict(_SM90_D64, fwd_block_m=128, fwd_warps=8, dkdv_block_m=32, dq_block_m=128,
-                  dq_warps=8, dq_stages=3)
+_SM90_D128 = dict(_SM90_D64, fwd_block_m=128, fwd_warps=8, dkdv_block_m=32, dkdv_warps=8,
+                  dq_block_m=128, dq_warps=8, dq_stages=3)
 _SM90 = {
     "small": _SM90_D64,
     "medium": dict(_SM90_D128, dq_block_m=64, dq_block_n=32, dq_warps=4, dq_stages=2),

@@ -89,7 +89,8 @@ def _block_config(n_cols: int) -> tuple[int, int]:
         raise ValueError(f"rms_norm (triton): the last dimension of x must be at most {MAX_HIDDEN}, got "
                          f"{n_cols} (a row is kept in registers); use backend 'reference' for wider rows")
     block = triton.next_power_of_2(n_cols)
-    return block, (4 if block <= 1024 else 8 if block <= 4096 else 16)
+    # 16 warps from 4096 columns: with 8, the fp32 forward with a residual spills under Triton 3.6.
+    return block, (4 if block <= 1024 else 8 if block < 4096 else 16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,8 +215,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return y.view(shape), h.view(shape)
 
 
-#: One hidden size per num_warps bucket of _block_config, the widest of each (most registers).
-AOT_HIDDEN_SIZES = (1024, 4096, MAX_HIDDEN)
+#: One hidden size per num_warps bucket of _block_config, the widest of each (most registers), and
+#: 4096, the narrowest of the 16-warp bucket (fewest threads per element).
+AOT_HIDDEN_SIZES = (1024, 2048, 4096, MAX_HIDDEN)
 #: the parameters that are not tensors of the input dtype or int32 sizes and strides
 _AOT_TYPES = {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "eps": "fp32"}
 
