@@ -156,7 +156,9 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
     ce = F.cross_entropy(logits, rows_t, ignore_index=ignore_index, label_smoothing=label_smoothing,
                          reduction="none")
     valid = rows_t != ignore_index
-    z_rows = torch.where(valid, z_loss * torch.logsumexp(logits, dim=-1).square(), 0.0)
+    # (z_loss · lse) · lse like the kernels: z_loss · lse² overflows to 0 · inf = NaN for huge logits.
+    lse = torch.logsumexp(logits, dim=-1)
+    z_rows = torch.where(valid, z_loss * lse * lse, 0.0)
     loss_rows = ce + z_rows
     if reduction == "none":
         loss, z_term = loss_rows.reshape(targets.shape), z_rows.reshape(targets.shape)

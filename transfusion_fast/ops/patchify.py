@@ -99,8 +99,8 @@ def check_unpatchify_packed_inputs(patches, offsets, p: int, sizes) -> None:
     if sum(counts) > MAX_ELEMENTS:
         raise ValueError(f"sizes give {sum(counts)} patches, more than {MAX_ELEMENTS}")
     expected = torch.tensor([0] + counts).cumsum(0)
-    if not isinstance(offsets, torch.Tensor) or offsets.shape != expected.shape or not torch.equal(
-            offsets.detach().cpu().long(), expected):
+    if (not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64)
+            or offsets.shape != expected.shape or not torch.equal(offsets.detach().cpu().long(), expected)):
         raise ValueError(f"offsets must be the patch-row offsets of sizes, {expected.tolist()}, got "
                          f"{offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets!r}")
     if patches.shape[0] != int(expected[-1]):

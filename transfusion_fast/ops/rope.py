@@ -66,7 +66,8 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                 axial: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation angle of every (token, pair): ``(T, head_dim // 2)`` float32."""
     inv_freq = rope_inv_freq(head_dim, float(theta), positions.device)
-    text_angles = positions.reshape(positions.shape[0], -1)[:, :1].float() * inv_freq[0][None, :]
+    first = positions[:, None] if positions.dim() == 1 else positions[:, :1]   # (T, 1), T = 0 too
+    text_angles = first.float() * inv_freq[0][None, :]
     if positions.dim() == 1:
         return text_angles
     quarter = head_dim // 4
