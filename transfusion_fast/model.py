@@ -349,7 +349,10 @@ class Model(nn.Module):
         ``spans`` counts.
         """
         check_batch_config(batch, self.config)
-        spans_in = {name: (s.rows, s.x_t, s.timesteps, s.shapes) for name, s in batch.spans.items()}
+        # Span shapes are Python ints: only a U-Net encoder reads them, and handing them to the
+        # linear one too would make torch.compile guard on (and recompile for) each image size.
+        spans_in = {name: (s.rows, s.x_t, s.timesteps) + ((s.shapes,) if self.heads[name].coder is not None else ())
+                    for name, s in batch.spans.items()}
         states: dict = {}
         h, cond, span_rows = self.embed(batch.tokens, spans_in, states)
         h = self.forward_hidden(h, batch.positions, batch.axial, batch.layout, cond, span_rows)
