@@ -39,7 +39,7 @@ class Launcher:
 
     The CompiledKernel that the JIT returns launches directly (``compiled[grid](*args)``); one is
     kept per specialization key, a key at least as fine as Triton's own (:func:`specialization`,
-    the constexprs, warps, stages and the current device), so no call runs a binary compiled for
+    the constexprs, warps, stages, register cap and the current device), so no call runs a binary compiled for
     other argument properties. The first call of each key, and every call under TRITON_INTERPRET
     (nothing compiled), goes through the JIT. The kernel's constexprs must be its trailing
     parameters (checked on the first compiled launch).
@@ -49,16 +49,18 @@ class Launcher:
         self.kernel = kernel
         self.compiled: dict[tuple, tuple] = {}
 
-    def __call__(self, grid: tuple, *args, num_warps: int, num_stages: int, **constexprs):
+    def __call__(self, grid: tuple, *args, num_warps: int, num_stages: int, maxnreg: int | None = None,
+                 **constexprs):
         key = (torch.cuda.current_device() if torch.cuda.is_initialized() else -1, num_warps,
-               num_stages, *constexprs.items(), *map(specialization, args))
+               num_stages, maxnreg, *constexprs.items(), *map(specialization, args))
         hit = self.compiled.get(key)
         if hit is not None:
             compiled, constexpr_values = hit
             compiled[(*grid, 1, 1)[:3]](*args, *constexpr_values)    # it takes a 3-D grid
             return
+        options = {} if maxnreg is None else {"maxnreg": maxnreg}
         compiled = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages,
-                                     **constexprs)
+                                     **options, **constexprs)
         if isinstance(compiled, CompiledKernel):
             # the launcher takes every parameter in order, the constexprs last
             names = self.kernel.arg_names[len(args):]

@@ -69,6 +69,8 @@ class KernelSpec:
     #: packed tensors): compiled with ``tt.divisibility=16`` as the JIT specializes them, so that
     #: the register counts are those of the kernels that run (wider vector loads, fewer registers)
     divisible_by_16: tuple = ()
+    #: the ``maxnreg`` option (PTX ``.maxnreg``) the kernel is launched with, if any
+    maxnreg: int | None = None
 
 
 @dataclass
@@ -122,7 +124,8 @@ def _compile_one(spec: KernelSpec, arch: int) -> KernelReport:
                  for name in spec.divisible_by_16}
         src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                           **({} if spec.maxnreg is None else {"maxnreg": spec.maxnreg})})
         ptx = compiled.asm["ptx"]
         regs, st, ld = _ptxas_figures(ptx, gpu_name)
         tensor_cores = ("mma.sync" in ptx) or ("wgmma" in ptx)
