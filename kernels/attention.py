@@ -4,6 +4,8 @@ One op in the manner of Liger-Kernel, split along its seams:
 
 * :mod:`~transfusion_fast.kernels.attention_kernels`: the ``@triton.jit`` kernels (forward, dQ with
   delta, dK/dV) and how they walk the Layout's tile tables;
+* :mod:`~transfusion_fast.kernels.attention_exact`: the exact path that recomputes, after each fast
+  kernel, the tiles whose result came out non-finite (IEEE arithmetic over the visible pairs);
 * :mod:`~transfusion_fast.kernels.attention_tiles`: the shipped tile sizes per head_dim, dtype and
   GPU generation (:func:`tile_config`, :func:`forced_tile_sizes`);
 * :mod:`~transfusion_fast.kernels.launch`: the launch cache that keeps the host time of a call small;
@@ -25,6 +27,8 @@ import torch
 from transfusion_fast.checks import refuse_double_backward
 from transfusion_fast.layout import Layout, TileTable
 
+from .attention_exact import (EXACT_MAXNREG, EXACT_WARPS, attn_bwd_dkdv_exact, attn_bwd_dq_exact,
+                              attn_fwd_exact)
 from .attention_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_fwd
 from .attention_tiles import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, TileConfig, forced_tile_config,
                               forced_tile_sizes, tile_config)
@@ -72,6 +76,9 @@ def tile_tables(layout: Layout, config: TileConfig) -> tuple[TileTable, TileTabl
 
 
 _launch_fwd, _launch_dq, _launch_dkdv = map(Launcher, (attn_fwd, attn_bwd_dq, attn_bwd_dkdv))
+_launch_fwd_exact, _launch_dq_exact, _launch_dkdv_exact = map(
+    Launcher, (attn_fwd_exact, attn_bwd_dq_exact, attn_bwd_dkdv_exact))
+_EXACT = dict(num_warps=EXACT_WARPS, num_stages=1, maxnreg=EXACT_MAXNREG)
 
 
 def launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order,
@@ -81,15 +88,21 @@ def launch_forward(q, k, v, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_
     o = torch.empty((n_queries, hq, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
     grid = (cdiv(n_queries, config.fwd_block_m), hq)
+    # per program: its result came out non-finite, the exact kernel recomputes it (every slot
+    # is written by the fast kernel)
+    flags = torch.empty((hq, grid[0]), dtype=torch.int32, device=q.device)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               o.stride(0), o.stride(1))
+    common = dict(GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
+                  BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n,
+                  DOT_PRECISION=dot_precision(q.dtype))
     _launch_fwd(
         grid, q, k, v, o, lse, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order,
-        kv_start if work is None else work,   # never written unless COUNT_WORK
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), n_queries, n_keys, scale * LOG2E,
-        GROUP=hq // hkv, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
-        BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n,
-        DOT_PRECISION=dot_precision(q.dtype), COUNT_WORK=work is not None,
-        num_warps=config.fwd_warps, num_stages=config.fwd_stages)
+        flags, kv_start if work is None else work,   # never written unless COUNT_WORK
+        *strides, n_queries, n_keys, scale * LOG2E, COUNT_WORK=work is not None,
+        num_warps=config.fwd_warps, num_stages=config.fwd_stages, **common)
+    _launch_fwd_exact(grid, q, k, v, o, lse, kv_start, kv_end, kv_lo, kv_hi, flags, *strides,
+                      n_queries, n_keys, scale * LOG2E, **_EXACT, **common)
     return o, lse
 
 
@@ -109,29 +122,37 @@ def launch_backward(do, dlse, q, k, v, o, lse, kv_start, kv_end, q_lo, q_hi, q_f
     # -- dQ and delta = rowsum(dO * O) - dLSE: one program per (row tile, query head)
     delta = torch.empty((hq, n_queries), dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    qkv_strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    grid = (cdiv(n_queries, config.dq_block_m), hq)
+    flags = torch.empty((hq, grid[0]), dtype=torch.int32, device=q.device)   # as in the forward
+    blocks = dict(BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n)
     _launch_dq(
-        (cdiv(n_queries, config.dq_block_m), hq), q, k, v, o, do, lse,
-        delta if dlse is None else dlse, delta, dq, kv_start, kv_end, kv_lo, kv_hi, kv_full_lo,
-        kv_full_hi, m_order, kv_start if work_dq is None else work_dq,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        n_queries, n_keys, scale * LOG2E, scale,
-        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, HAS_DLSE=dlse is not None,
-        COUNT_WORK=work_dq is not None, num_warps=config.dq_warps, num_stages=config.dq_stages,
-        **common)
+        grid, q, k, v, o, do, lse, delta if dlse is None else dlse, delta, dq, kv_start, kv_end,
+        kv_lo, kv_hi, kv_full_lo, kv_full_hi, m_order, flags,
+        kv_start if work_dq is None else work_dq, *qkv_strides, o.stride(0), o.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), n_queries, n_keys, scale * LOG2E,
+        scale, HAS_DLSE=dlse is not None, COUNT_WORK=work_dq is not None,
+        num_warps=config.dq_warps, num_stages=config.dq_stages, **blocks, **common)
+    _launch_dq_exact(
+        grid, q, k, v, do, lse, delta, dq, kv_start, kv_end, kv_lo, kv_hi, flags, *qkv_strides,
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), n_queries, n_keys, scale * LOG2E,
+        scale, **_EXACT, **blocks, **common)
     # -- dK, dV (reads the delta written above): one program per (key tile, kv head)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    grid = (cdiv(n_keys, config.dkdv_block_n), hkv)
+    flags = torch.empty((hkv, grid[0]), dtype=torch.int32, device=q.device)
+    blocks = dict(BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n)
+    strides = (*qkv_strides, do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
+               dv.stride(1))
     _launch_dkdv(
-        (cdiv(n_keys, config.dkdv_block_n), hkv), q, k, v, do, lse, delta, dk, dv, kv_start,
-        kv_end, q_lo, q_hi, q_full_lo, q_full_hi, n_order,
-        kv_start if work_dkdv is None else work_dkdv,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        n_queries, n_keys, scale * LOG2E, scale,
-        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
-        COUNT_WORK=work_dkdv is not None, num_warps=config.dkdv_warps,
-        num_stages=config.dkdv_stages, **common)
+        grid, q, k, v, do, lse, delta, dk, dv, kv_start, kv_end, q_lo, q_hi, q_full_lo,
+        q_full_hi, n_order, flags, kv_start if work_dkdv is None else work_dkdv, *strides,
+        n_queries, n_keys, scale * LOG2E, scale, COUNT_WORK=work_dkdv is not None,
+        num_warps=config.dkdv_warps, num_stages=config.dkdv_stages, **blocks, **common)
+    _launch_dkdv_exact(
+        grid, q, k, v, do, lse, delta, dk, dv, kv_start, kv_end, q_lo, q_hi, flags, *strides,
+        n_queries, n_keys, scale * LOG2E, scale, **_EXACT, **blocks, **common)
     return dq, dk, dv
 
 

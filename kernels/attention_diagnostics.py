@@ -15,6 +15,8 @@ from transfusion_fast.layout import Layout
 
 from .attention import (column_walk, dot_precision, gpu_arch, launch_backward, launch_forward, row_walk,
                         tile_tables)
+from .attention_exact import (EXACT_MAXNREG, EXACT_WARPS, attn_bwd_dkdv_exact, attn_bwd_dq_exact,
+                              attn_fwd_exact)
 from .attention_kernels import attn_bwd_dkdv, attn_bwd_dq, attn_fwd
 from .attention_tiles import HALF_CONFIGS, SUPPORTED_HEAD_DIMS, tile_config
 from .launch import next_power_of_2
@@ -60,13 +62,14 @@ def count_computed_tiles(layout: Layout, head_dim: int = 16, num_q_heads: int = 
 
 
 # ================================================================================== AOT specs
-_KERNELS = {"fwd": attn_fwd, "dkdv": attn_bwd_dkdv, "dq": attn_bwd_dq}
+_KERNELS = {"fwd": attn_fwd, "dkdv": attn_bwd_dkdv, "dq": attn_bwd_dq, "fwd_exact": attn_fwd_exact,
+            "dkdv_exact": attn_bwd_dkdv_exact, "dq_exact": attn_bwd_dq_exact}
 _AOT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: the parameters that are not tensors of the input dtype or int32 sizes and strides
 _TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "qk_scale_log2": "fp32", "scale": "fp32",
           **{table: "*i32" for table in ("KV_START", "KV_END", "KV_LO", "KV_HI", "KV_FULL_LO",
                                          "KV_FULL_HI", "M_ORDER", "Q_LO", "Q_HI", "Q_FULL_LO",
-                                         "Q_FULL_HI", "N_ORDER", "WORK")}}
+                                         "Q_FULL_HI", "N_ORDER", "FLAGS", "WORK")}}
 
 
 def _divisible_by_16(signature: dict) -> tuple:
@@ -80,7 +83,8 @@ def _divisible_by_16(signature: dict) -> tuple:
 def aot_specs(arch: int | None = None) -> list[KernelSpec]:
     """Every shipped kernel config as a :class:`transfusion_fast.aot.KernelSpec`, labelled.
 
-    One spec per (kernel in fwd / dkdv / dq, head_dim, fp16 | bf16, arch); the
+    One spec per (kernel in fwd / dkdv / dq and their exact kernels, head_dim, fp16 | bf16,
+    arch); the
     label ends in ``@sm80`` / ``@sm90``: compile each spec for its own arch, e.g.
     ``compile_report(aot_specs(90), archs=(90,))``. ``arch=None`` returns both generations.
     """
@@ -90,15 +94,18 @@ def aot_specs(arch: int | None = None) -> list[KernelSpec]:
             for dtype, data_type in _AOT_DTYPES.items():
                 config = HALF_CONFIGS[(gen, head_dim)]
                 attn = dict(HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), GROUP=1,
-                            DOT_PRECISION=dot_precision(dtype), COUNT_WORK=False)
+                            DOT_PRECISION=dot_precision(dtype))
+                fwd = dict(attn, BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n)
+                dkdv = dict(attn, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n)
+                dq = dict(attn, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n)
                 kernels = {
-                    "fwd": (dict(attn, BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n),
-                            config.fwd_warps, config.fwd_stages),
-                    "dkdv": (dict(attn, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n),
-                             config.dkdv_warps, config.dkdv_stages),
-                    "dq": (dict(attn, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
-                                HAS_DLSE=False),
-                           config.dq_warps, config.dq_stages),
+                    "fwd": (dict(fwd, COUNT_WORK=False), config.fwd_warps, config.fwd_stages),
+                    "dkdv": (dict(dkdv, COUNT_WORK=False), config.dkdv_warps, config.dkdv_stages),
+                    "dq": (dict(dq, HAS_DLSE=False, COUNT_WORK=False), config.dq_warps,
+                           config.dq_stages),
+                    "fwd_exact": (fwd, EXACT_WARPS, 1),
+                    "dkdv_exact": (dkdv, EXACT_WARPS, 1),
+                    "dq_exact": (dq, EXACT_WARPS, 1),
                 }
                 for name, (constexprs, warps, stages) in kernels.items():
                     kernel = _KERNELS[name]
@@ -108,6 +115,7 @@ def aot_specs(arch: int | None = None) -> list[KernelSpec]:
                         module=kernel.fn.__module__, kernel=kernel.fn.__name__,
                         signature=signature, constexprs=constexprs,
                         num_warps=warps, num_stages=stages,
+                        maxnreg=EXACT_MAXNREG if name.endswith("_exact") else None,
                         divisible_by_16=_divisible_by_16(signature),
                         label=f"{name} d{head_dim} {data_type}{blocks} w{warps}s{stages} @sm{gen}"))
     return specs

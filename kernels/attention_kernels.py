@@ -20,6 +20,13 @@ is not a multiple of the block): it is full by the table but its loads need a bo
 through the masked path, where the element mask is also correct for it. Decode / prefix layouts
 (query rows = the last rows of each document) need nothing special: the intervals encode them.
 
+Non-finite values (docs/nan_semantics.md): these walks are exact while everything stays finite.
+Each program writes to ``FLAGS`` whether its result came out non-finite (or with a row that sees
+keys but got no weight: all its scores -inf); the kernels of
+:mod:`~transfusion_fast.kernels.attention_exact`, launched after each of these, recompute exactly
+those tiles in IEEE arithmetic over the visible pairs. Finite inputs pay one reduction over the
+result per program here, and a launch whose programs read their flag and stop.
+
 A ``COUNT_WORK`` constexpr makes each program record the tiles it computed (see
 :func:`transfusion_fast.kernels.attention_diagnostics.count_computed_tiles`). The host side (tile
 sizes, launches, autograd) is in :mod:`transfusion_fast.kernels.attention`.
@@ -38,6 +45,12 @@ def _store_work(WORK, slot, masked_tiles, unmasked_tiles):
     without mask arithmetic."""
     tl.store(WORK + slot, masked_tiles + unmasked_tiles)
     tl.store(WORK + tl.num_programs(0) * tl.num_programs(1) + slot, unmasked_tiles)
+
+
+@triton.jit
+def _non_finite(x):
+    """1 when some element of the 2-D ``x`` is NaN or infinite, else 0."""
+    return 1 - tl.min(tl.min((tl.abs(x) < float("inf")).to(tl.int32), 1), 0)
 
 
 @triton.jit
@@ -93,7 +106,7 @@ def _fwd_tile_walk(acc, l_i, m_i, count, q, k_base, v_base, stride_kt, stride_vt
 
 @triton.jit
 def attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, M_ORDER,
-              WORK,
+              FLAGS, WORK,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
               stride_ot, stride_oh,
               n_queries, n_keys, qk_scale_log2,
@@ -149,6 +162,10 @@ def attn_fwd(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, KV_FULL_LO, KV_FUL
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    # -- exact unless something is non-finite: a row that sees keys has l >= 1 (its max scores 1)
+    sees_keys = kv_end > kv_start
+    tl.store(FLAGS + head * tl.num_programs(0) + pid_m,
+             _non_finite(o) | tl.max(((l_i > 0.0) == 0) & sees_keys, 0).to(tl.int32))
     tl.store(O + first_row * stride_ot + head * stride_oh
              + (offs_m[:, None] * stride_ot + offs_d[None, :]),
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -211,7 +228,7 @@ def _dkdv_tile_walk(dk, dv, count, k, v, q_base, do_base, lse_base, delta_base, 
 
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
-                   Q_LO, Q_HI, Q_FULL_LO, Q_FULL_HI, N_ORDER, WORK,
+                   Q_LO, Q_HI, Q_FULL_LO, Q_FULL_HI, N_ORDER, FLAGS, WORK,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                    n_queries, n_keys, qk_scale_log2, scale,
@@ -266,6 +283,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
             HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_PRECISION, COUNT_WORK)
 
     dk *= scale
+    tl.store(FLAGS + kv_head * tl.num_programs(0) + pid_n, _non_finite(dk + dv))   # either one
     tl.store(DK + first_col * stride_dkt + kv_head * stride_dkh
              + (offs_n[:, None] * stride_dkt + offs_d[None, :]),
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -321,7 +339,7 @@ def _dq_tile_walk(dq, count, q, do, lse, delta, k_base, v_base, stride_kt, strid
 
 @triton.jit
 def attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_START, KV_END,
-                 KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, M_ORDER, WORK,
+                 KV_LO, KV_HI, KV_FULL_LO, KV_FULL_HI, M_ORDER, FLAGS, WORK,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                  stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
                  n_queries, n_keys, qk_scale_log2, scale,
@@ -382,6 +400,7 @@ def attn_bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, KV_START, KV_END,
                               qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
                               COUNT_WORK)
     dq *= scale
+    tl.store(FLAGS + head * tl.num_programs(0) + pid_m, _non_finite(dq))
     tl.store(DQ + first_row * stride_dqt + head * stride_dqh
              + (offs_m[:, None] * stride_dqt + offs_d[None, :]),
              dq.to(DQ.dtype.element_ty), mask=q_mask)

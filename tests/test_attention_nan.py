@@ -4,8 +4,8 @@ docs/nan_semantics.md): IEEE arithmetic over the visible pairs only.
 A NaN in q, k or v, or a +inf score, reaches exactly the outputs and gradients whose formula
 contains it over the pairs (row, key) the layout makes visible: never a row that does not see the
 key, never another document, also not a short document that shares a tile with it. The reference
-backend (its explicit forward and backward) and the compiled CPU kernels on every ISA path this CPU
-runs must give the same elementwise pattern of non-finite values in o, lse, dq, dk and dv, and the same finite values elsewhere. The issue's
+backend (its explicit forward and backward), the compiled CPU kernels on every ISA path this CPU
+runs and the Triton kernels (interpreted on a CPU-only machine) must give the same elementwise pattern of non-finite values in o, lse, dq, dk and dv, and the same finite values elsewhere. The issue's
 reproductions are also checked against their expected pattern, written out by hand.
 """
 from __future__ import annotations
@@ -37,10 +37,21 @@ def _cpu(isa):
     return run
 
 
-# The Triton kernels are not here yet: their exact partial-tile path raised register pressure past
-# the zero-spill bound (tests/test_attention_triton_aot.py, d256 fp16 on sm_80), so it was taken
-# out; docs/nan_semantics.md says what Triton does today.
-BACKENDS = {f"cpu-{isa}": _cpu(isa) for isa in available_cpu_isas()}
+def _triton(block_m, block_n):
+    """The Triton kernels (compiled on a GPU, else interpreted) with forced tiles: 16 x 16 puts
+    several short documents, and both ends of a span, in one tile."""
+    def run(q, k, v, layout, scale):
+        from transfusion_fast.kernels.attention import forced_tile_sizes, triton_attention
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        leaves = [t.to(device) for t in (q, k, v)]
+        with forced_tile_sizes(block_m, block_n):
+            o, lse = triton_attention(*leaves, layout.to(device), scale)
+        return o.cpu(), lse.cpu()
+    return run
+
+
+BACKENDS = {**{f"cpu-{isa}": _cpu(isa) for isa in available_cpu_isas()},
+            "triton-16x16": _triton(16, 16), "triton-32x16": _triton(32, 16)}
 
 
 def _run(fn, layout, q, k, v, dtype):

@@ -1,8 +1,9 @@
 """Ahead-of-time compile of the shipped attention kernel configs for sm_80 and sm_90a (no GPU
 needed): zero register spills, tensor-core instructions in the fwd / dK,dV / dQ kernels, shared
-memory within each architecture's per-block limit. ``pytest -s`` prints the register table.
+memory within each architecture's per-block limit, for the fast kernels and for the exact kernels
+that recompute non-finite tiles. ``pytest -s`` prints the register table.
 
-Compiling all 96 (config, arch) pairs takes several minutes on a small CI machine, so the test
+Compiling all 144 (config, arch) pairs takes several minutes on a small CI machine, so the test
 compiles one head_dim per distinct tile configuration and architecture, both dtypes appearing;
 the benchmark's static kernel report compiles the full ``aot_specs()`` list.
 """
@@ -18,7 +19,7 @@ from transfusion_fast.ops.attention import SUPPORTED_HEAD_DIMS
 
 # Max dynamic shared memory per block: A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq", "fwd_exact", "dkdv_exact", "dq_exact")
 # (head_dim, dtype label, arch) compiled by the test: each distinct tile configuration (small,
 # medium and large head dims on each architecture) once, alternating the dtype.
 REPRESENTATIVE = [(64, "fp16", 80), (64, "bf16", 90), (128, "bf16", 80), (96, "fp16", 90),
@@ -41,9 +42,12 @@ def test_aot_specs_cover_every_shipped_config():
         config = tile_config(head_dim, torch.float16, arch)
         block = {"fwd": (config.fwd_block_m, config.fwd_block_n),
                  "dkdv": (config.dkdv_block_m, config.dkdv_block_n),
-                 "dq": (config.dq_block_m, config.dq_block_n)}[kernel]
+                 "dq": (config.dq_block_m, config.dq_block_n)}[kernel.removesuffix("_exact")]
         assert (spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"]) == block
-        assert spec.constexprs["COUNT_WORK"] is False
+        if kernel.endswith("_exact"):   # the non-finite path: its fast kernel's tiles, no register cap
+            assert "COUNT_WORK" not in spec.constexprs and spec.maxnreg == 255 and spec.num_stages == 1
+        else:
+            assert spec.constexprs["COUNT_WORK"] is False and spec.maxnreg is None
     assert {len(aot_specs(80)), len(aot_specs(90))} == {len(specs) // 2}
 
 

@@ -250,8 +250,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
     Returns:
         ``o`` of shape ``(Tq, Hq, D)`` and dtype of q, or ``(o, lse)``.
 
-    NaN and infinities (the same on the reference and CPU backends, forward and backward; the
-    Triton kernels not yet, see docs/nan_semantics.md):
+    NaN and infinities (the same on the reference, CPU and Triton backends, forward and backward;
+    see docs/nan_semantics.md):
     IEEE arithmetic over the visible pairs only. Each output and gradient is the softmax formula
     summed over the pairs (row ``i``, key ``j``) the layout makes visible, and the hidden pairs add
     nothing, not even ``0 * NaN``. So a NaN in ``q``, ``k`` or ``v`` reaches exactly the rows
