@@ -45,6 +45,19 @@ def _visible_sum(a, visible, b):
 
 
 @triton.jit
+def _scores(q, k_head, stride_kt, key, kv_start, kv_end, offs_s, offs_d, n_keys, qk_scale_log2,
+            HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores (log2 domain) of STEP rows against the STEP keys from ``key``, which pairs are
+    visible, and the keys' columns."""
+    cols = key + offs_s
+    kt = tl.load(k_head + (cols.to(tl.int64)[None, :] * stride_kt + offs_d[:, None]),
+                 mask=(offs_d < HEAD_DIM)[:, None] & (cols < n_keys)[None, :], other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
+    visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
+    return qk, visible, cols
+
+
+@triton.jit
 def attn_fwd_exact(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, FLAGS,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_ot, stride_oh, n_queries, n_keys, qk_scale_log2,
@@ -73,11 +86,8 @@ def attn_fwd_exact(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, FLAGS,
             m = tl.full([STEP], float("-inf"), dtype=tl.float32)
             sees_nan = tl.zeros([STEP], dtype=tl.int32)
             for key in range(key_lo, key_hi, STEP):
-                cols = key + offs_s
-                kt = tl.load(k_head + (cols.to(tl.int64)[None, :] * stride_kt + offs_d[:, None]),
-                             mask=d_ok[:, None] & (cols < n_keys)[None, :], other=0.0)
-                qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-                visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
+                qk, visible, cols = _scores(q, k_head, stride_kt, key, kv_start, kv_end, offs_s,
+                                            offs_d, n_keys, qk_scale_log2, HEAD_DIM, DOT_PRECISION)
                 sees_nan |= tl.max(((qk != qk) & visible).to(tl.int32), 1)
                 m = tl.maximum(m, tl.max(tl.where(visible, qk, float("-inf")), 1))
             m = tl.where(sees_nan > 0, float("nan"), m)
@@ -90,16 +100,13 @@ def attn_fwd_exact(Q, K, V, O, LSE, KV_START, KV_END, KV_LO, KV_HI, FLAGS,
                 acc = tl.zeros([STEP, STEP], dtype=tl.float32)
                 l_i = tl.zeros([STEP], dtype=tl.float32)
                 for key in range(key_lo, key_hi, STEP):
-                    cols = key + offs_s
-                    col_ok = cols < n_keys
-                    kt = tl.load(k_head + (cols.to(tl.int64)[None, :] * stride_kt + offs_d[:, None]),
-                                 mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                    qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-                    visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
+                    qk, visible, cols = _scores(q, k_head, stride_kt, key, kv_start, kv_end, offs_s,
+                                                offs_d, n_keys, qk_scale_log2, HEAD_DIM,
+                                                DOT_PRECISION)
                     p = tl.where(visible, tl.math.exp2(qk - m[:, None]), 0.0)
                     l_i += tl.sum(p, 1)
                     v = tl.load(v_head + (cols.to(tl.int64)[:, None] * stride_vt + offs_c[None, :]),
-                                mask=col_ok[:, None] & c_ok[None, :], other=0.0)
+                                mask=(cols < n_keys)[:, None] & c_ok[None, :], other=0.0)
                     acc += _visible_sum(p, visible, v)
                 o = acc / tl.where(kv_end > kv_start, l_i, 1.0)[:, None]   # a row that sees nothing: 0
                 tl.store(O + head * stride_oh + (rows.to(tl.int64)[:, None] * stride_ot + offs_c[None, :]),
@@ -144,6 +151,8 @@ def attn_bwd_dq_exact(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, KV_LO, KV_H
                 c_ok = offs_c < HEAD_DIM
                 dq = tl.zeros([STEP, STEP], dtype=tl.float32)
                 for key in range(key_lo, key_hi, STEP):
+                    # K and V of the step loaded together, not through _scores: that order
+                    # spills at D = 256 on sm_90a
                     cols = key + offs_s
                     col_ok = cols < n_keys
                     col_offs = cols.to(tl.int64)[None, :]
