@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+import transfusion_fast as tf  # noqa: E402
+
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", max_examples=300, deadline=None,
@@ -28,6 +30,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def reference_backend():
+    """Runs a test on the reference backend (the model-level test modules take it for every test)."""
+    with tf.use_backend("reference"):
+        yield
 
 
 @pytest.fixture

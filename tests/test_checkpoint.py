@@ -8,16 +8,13 @@ from safetensors import safe_open
 
 import transfusion_fast as tf
 import transfusion_fast.checkpoint as ckpt
-from transfusion_fast import ModalityConfig, Model, ModelConfig, load_checkpoint, load_config, pack, save_checkpoint
+from transfusion_fast import Model, ModelConfig, load_checkpoint, load_config, pack, save_checkpoint
+from transfusion_fast.testing import IMAGE
 
-IMAGE = ModalityConfig("image", "image", channels=1, patch_size=2, max_size=8)
 CONFIG = ModelConfig(dim=32, depth=1, n_heads=2, modalities=(IMAGE,), conditioning="adaln_zero")
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    with tf.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def samples_for_step(step: int):

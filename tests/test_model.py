@@ -4,9 +4,8 @@ import torch
 
 import transfusion_fast as tf
 from transfusion_fast import ModalityConfig, Model, ModelConfig, pack
+from transfusion_fast.testing import IMAGE, SERIES
 
-IMAGE = ModalityConfig("image", "image", channels=1, patch_size=2, max_size=8)
-SERIES = ModalityConfig("series", "sequence", channels=3, patch_size=4, max_size=16, boi_id=250, eoi_id=251)
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -9,16 +9,11 @@ import torch
 import transfusion_fast as tf
 from transfusion_fast import ModalityConfig, Model, ModelConfig, ops, pack
 from transfusion_fast.layout import Layout
-
-IMAGE = ModalityConfig("image", "image", channels=1, patch_size=2, max_size=8)
-SERIES = ModalityConfig("series", "sequence", channels=3, patch_size=4, max_size=16, boi_id=250, eoi_id=251)
-BOS, EOS, BOI, EOI = 256, 257, 258, 259
+from transfusion_fast.testing import IMAGE, SERIES, BOS, BOI, EOI
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    with tf.use_backend("reference"):
-        yield
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def flow_config(**overrides) -> ModelConfig:

@@ -5,21 +5,17 @@ decodes to pixels, captioning encodes the prompt's image, and codecs that do not
 import pytest
 import torch
 
-import transfusion_fast as tf
 from transfusion_fast import LatentCodec, Latents, ModalityConfig, Model, ModelConfig, load_checkpoint, pack
 from transfusion_fast import save_checkpoint
 from transfusion_fast.pack import encode_latent_items, to_patches
+from transfusion_fast.testing import BOI, EOI
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (requirements-test.txt)")
 
 LATENT = ModalityConfig("image", "image", channels=4, patch_size=2, max_size=8)     # latent units
-BOI, EOI = 258, 259
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    with tf.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def tiny_vae(seed=0):

@@ -7,10 +7,9 @@ import torch
 import transfusion_fast as tf
 from transfusion_fast import ModalityConfig, Model, ModelConfig, pack
 from transfusion_fast.encoders import UNetPatchCoder, UNetState
+from transfusion_fast.testing import SERIES, BOI
 
 UNET = ModalityConfig("image", "image", channels=2, patch_size=2, max_size=8, encoder="unet", unet_channels=8)
-SERIES = ModalityConfig("series", "sequence", channels=3, patch_size=4, max_size=16, boi_id=250, eoi_id=251)
-BOI, EOI = 258, 259
 
 
 def config(**overrides) -> ModelConfig:

@@ -5,17 +5,13 @@ import torch
 import transfusion_fast as tf
 from transfusion_fast import ModalityConfig, ModelConfig, pack
 from transfusion_fast.config import IGNORE_INDEX
+from transfusion_fast.testing import IMAGE, SERIES, BOS, EOS, BOI, EOI
 
-IMAGE = ModalityConfig("image", "image", channels=1, patch_size=2, max_size=8)
-SERIES = ModalityConfig("series", "sequence", channels=3, patch_size=4, max_size=16, boi_id=250, eoi_id=251)
 CONFIG = ModelConfig(dim=32, depth=1, n_heads=2, modalities=(IMAGE, SERIES), max_seq_len=64)
-BOS, EOS, BOI, EOI, PAD = 256, 257, 258, 259, 0
+PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    with tf.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def test_document_structure_layout_and_targets():

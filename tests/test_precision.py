@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import transfusion_fast as tf
-from transfusion_fast import ModalityConfig, Model, ModelConfig, pack
+from transfusion_fast import Model, ModelConfig, pack
 from transfusion_fast.app.trainer import autocast
+from transfusion_fast.testing import IMAGE, SERIES
 
-IMAGE = ModalityConfig("image", "image", channels=1, patch_size=2, max_size=8)
-SERIES = ModalityConfig("series", "sequence", channels=3, patch_size=4, max_size=16, boi_id=250, eoi_id=251)
 #: relative tolerance of the loss and of each gradient tensor (in norm) against the fp32 run
 LOSS_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 GRAD_RTOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}

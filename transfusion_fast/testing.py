@@ -8,10 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from .aot import compile_report
+from .config import ModalityConfig
 from .layout import Layout
 
-__all__ = ["compile_without_spills", "dense_attention_oracle", "transfusion_example", "packed_documents_example",
+__all__ = ["IMAGE", "SERIES", "BOS", "EOS", "BOI", "EOI", "compile_without_spills", "dense_attention_oracle", "transfusion_example", "packed_documents_example",
            "TOLERANCES", "random_qkv"]
+
+#: The small two-modality set-up of the model-level tests: 8 x 8 one-channel images in 2 x 2
+#: patches, 3-channel series in patches of 4 steps with their own BOI/EOI, and the special tokens
+#: of ModelConfig's defaults after a byte vocabulary.
+IMAGE = ModalityConfig("image", "image", channels=1, patch_size=2, max_size=8)
+SERIES = ModalityConfig("series", "sequence", channels=3, patch_size=4, max_size=16, boi_id=250, eoi_id=251)
+BOS, EOS, BOI, EOI = 256, 257, 258, 259
 
 #: (atol, rtol) for comparing a kernel's output with the reference path computed in float32.
 #: fp32: accumulation-order differences only. fp16: inputs carry 11 bits and P is rounded to fp16
